@@ -1,0 +1,1 @@
+"""eventbroker: an event delivery gateway."""

@@ -1,0 +1,245 @@
+"""The ``eventbroker`` command: serve, produce, tail."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections import Counter
+from pathlib import Path
+
+import orjson
+
+from eventbroker.config import DEFAULT_EMBEDDED_PORT, DEFAULT_LISTEN, load_config, resolve_types, with_overrides
+from eventbroker.errors import ConfigError, EventBrokerError, EventRejected
+
+log = logging.getLogger("eventbroker")
+
+_DEFAULT_CONFIG = Path("config/eventbroker.toml")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def _config_path(arg: str | None) -> str | None:
+    if arg:
+        return arg
+    return str(_DEFAULT_CONFIG) if _DEFAULT_CONFIG.exists() else None
+
+
+def _run(coro) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+# serve
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from eventbroker.daemon import Daemon
+
+    cfg = with_overrides(load_config(_config_path(args.config)), listen=args.listen, kafka=args.kafka, sink=args.sink)
+    daemon = Daemon(cfg)
+
+    async def main() -> int:
+        await daemon.run_until_signalled()
+        return 0
+
+    return _run(main())
+
+
+# produce
+
+
+async def _produce(args: argparse.Namespace) -> int:
+    from eventbroker.client import Producer
+
+    counts: Counter[str] = Counter()
+    futures = []
+    key_field = args.key_field
+    loop = asyncio.get_running_loop()
+    stdin = sys.stdin.buffer
+    async with Producer(args.server, client_id=args.client_id, linger_ms=args.linger_ms) as producer:
+        lineno = 0
+        while True:
+            line = await loop.run_in_executor(None, stdin.readline) if args.nonblocking_stdin else stdin.readline()
+            if not line:
+                break
+            lineno += 1
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError as e:
+                counts["invalid_json"] += 1
+                print(f"line {lineno}: not JSON ({e}); skipped", file=sys.stderr)
+                continue
+            key = None
+            if key_field:
+                v = obj.get(key_field) if isinstance(obj, dict) else None
+                if v is not None:
+                    key = v.encode() if isinstance(v, str) else orjson.dumps(v)
+            counts["sent"] += 1
+            futures.append(await producer.send(args.type, line, key=key))
+        await producer.flush()
+    for f in futures:
+        exc = f.exception()
+        if exc is None:
+            counts["persisted"] += 1
+        elif isinstance(exc, EventRejected):
+            counts[f"rejected:{exc.reason}"] += 1
+        else:
+            counts[f"failed:{type(exc).__name__}"] += 1
+    rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith(("rejected:", "failed:"))}
+    summary = {
+        "type": args.type,
+        "sent": counts["sent"],
+        "persisted": counts["persisted"],
+        "rejected": rejected,
+        "invalid_json": counts["invalid_json"],
+    }
+    if args.json:
+        print(orjson.dumps(summary).decode())
+    else:
+        line = f"{args.type}: sent {summary['sent']}, persisted {summary['persisted']}"
+        if rejected:
+            line += ", rejected " + ", ".join(f"{v} {k}" for k, v in sorted(rejected.items()))
+        if counts["invalid_json"]:
+            line += f", skipped {counts['invalid_json']} lines that are not JSON"
+        print(line)
+    ok = summary["persisted"] == summary["sent"] and not counts["invalid_json"]
+    return 0 if ok else 1
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    return _run(_produce(args))
+
+
+# tail
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    from aiokafka import AIOKafkaConsumer
+
+    cfg = load_config(_config_path(args.config))
+    types = resolve_types(cfg)
+    topic = types[args.type].topic if args.type in types else f"events.{args.type}"
+    bootstrap = args.kafka or cfg.kafka.bootstrap_servers or f"127.0.0.1:{cfg.kafka.embedded_port}"
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=bootstrap,
+        auto_offset_reset="latest" if args.new_only else "earliest",
+        enable_auto_commit=False,
+        group_id=None,
+    )
+    await consumer.start()
+    seen = 0
+    out = sys.stdout
+    try:
+        idle_ms = 0
+        while args.max_events is None or seen < args.max_events:
+            batch = await consumer.getmany(timeout_ms=500, max_records=1000)
+            if not batch:
+                idle_ms += 500
+                if args.idle_exit_ms is not None and idle_ms >= args.idle_exit_ms:
+                    break
+                continue
+            idle_ms = 0
+            for tp in sorted(batch):
+                for m in batch[tp]:
+                    headers = dict(m.headers or ())
+                    if args.payload_only:
+                        out.write(m.value.decode("utf-8", "replace") + "\n")
+                    else:
+                        rec = {
+                            "partition": m.partition,
+                            "offset": m.offset,
+                            "id": headers.get("eb.id", b"").hex(),
+                            "type": headers.get("eb.type", b"").decode("utf-8", "replace"),
+                            "timestamp_ms": m.timestamp,
+                            "key": m.key.decode("utf-8", "replace") if m.key is not None else None,
+                            "payload": _payload_json(m.value),
+                        }
+                        out.write(orjson.dumps(rec).decode() + "\n")
+                    seen += 1
+                    if args.max_events is not None and seen >= args.max_events:
+                        break
+            out.flush()
+    finally:
+        await consumer.stop()
+    return 0
+
+
+def _payload_json(value: bytes):
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value.decode("utf-8", "replace")
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    return _run(_tail(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eventbroker", description="Event delivery gateway into per-type Kafka topics.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("--config", help=f"TOML config file (default: {_DEFAULT_CONFIG} if present)")
+    s.add_argument("--listen", help=f"HOST:PORT to accept producers on (default {DEFAULT_LISTEN})")
+    s.add_argument("--kafka", help="Kafka bootstrap servers; without it an embedded development broker is started")
+    s.add_argument("--sink", choices=["kafka", "null"], help="override [kafka] sink (null: discard, for benchmarks)")
+    s.set_defaults(func=cmd_serve)
+
+    pr = sub.add_parser("produce", help="send JSON lines from stdin as events of one type")
+    pr.add_argument("--type", required=True, help="event type")
+    pr.add_argument("--server", default=DEFAULT_LISTEN, help=f"gateway HOST:PORT[,HOST:PORT...] (default {DEFAULT_LISTEN})")
+    pr.add_argument("--key-field", help="use this JSON field of each line as the partition key")
+    pr.add_argument("--client-id", default=None)
+    pr.add_argument("--linger-ms", type=float, default=5.0)
+    pr.add_argument("--json", action="store_true", help="print the summary as JSON")
+    pr.add_argument("--nonblocking-stdin", action="store_true", help="read stdin in a thread (interactive use)")
+    pr.set_defaults(func=cmd_produce)
+
+    t = sub.add_parser("tail", help="print the events in one type's topic")
+    t.add_argument("--type", required=True, help="event type")
+    t.add_argument("--config", help="config file, for the type's topic and the Kafka address")
+    t.add_argument("--kafka", help=f"Kafka bootstrap servers (default: config, else 127.0.0.1:{DEFAULT_EMBEDDED_PORT})")
+    t.add_argument("--new-only", action="store_true", help="skip events already in the topic")
+    t.add_argument("--max-events", type=int, default=None, help="exit after this many events")
+    t.add_argument("--idle-exit-ms", type=int, default=None, help="exit after this long without events")
+    t.add_argument("--payload-only", action="store_true", help="print only each payload")
+    t.set_defaults(func=cmd_tail)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"eventbroker: config error: {e}", file=sys.stderr)
+        return 2
+    except EventBrokerError as e:
+        print(f"eventbroker: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

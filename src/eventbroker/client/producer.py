@@ -1,0 +1,507 @@
+"""asyncio producer SDK.
+
+``Producer.send()`` puts an event into the open batch and returns a future
+that resolves to the event id once the gateway acknowledged the event as
+persisted in Kafka, or fails with ``EventRejected`` carrying the reason.
+Batches are sealed by size or linger, at most ``max_inflight_batches`` are
+unacknowledged at a time, retry-later parts are sent again after the server's
+back-off hint, and everything unacknowledged is sent again after a reconnect
+(same event ids, so consumers can drop the duplicates).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, cast
+
+from eventbroker import _fastpath as fp
+from eventbroker.config import parse_host_port
+from eventbroker.errors import EventRejected, ProducerClosed, ServerError
+from eventbroker.protocol import (
+    Ack,
+    ErrorCode,
+    ErrorFrame,
+    FrameType,
+    Goaway,
+    Hello,
+    Status,
+    Welcome,
+    encode_heartbeat,
+    reason_name,
+)
+
+log = logging.getLogger("eventbroker.client")
+
+_FATAL_CODES = {ErrorCode.BAD_HANDSHAKE, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.AUTH_FAILED}
+# Per-event bytes in a batch frame besides key and payload.
+_EVENT_OVERHEAD = 32
+
+
+class IdGenerator:
+    """16-byte event ids: 8 random bytes per generator, then a counter."""
+
+    __slots__ = ("_prefix", "_counter")
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8)
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> bytes:
+        return self._prefix + next(self._counter).to_bytes(8, "big")
+
+
+class _Pending:
+    """One event waiting for its acknowledgement."""
+
+    __slots__ = ("type", "event_id", "timestamp_ms", "key", "payload", "future")
+
+    def __init__(self, type_: bytes, event_id: bytes, ts: int, key: bytes | None, payload: bytes, fut) -> None:
+        self.type = type_
+        self.event_id = event_id
+        self.timestamp_ms = ts
+        self.key = key
+        self.payload = payload
+        self.future = fut
+
+
+class _Batch:
+    __slots__ = ("seq", "frame", "events", "by_type", "answered", "left", "sent_at")
+
+    def __init__(self, seq: int, frame: bytes, events: list[_Pending], type_of: list[int]) -> None:
+        self.seq = seq
+        self.frame = frame
+        self.events = events
+        self.by_type: dict[int, list[int]] = {}
+        for i, ti in enumerate(type_of):
+            self.by_type.setdefault(ti, []).append(i)
+        self.answered = bytearray(len(events))
+        self.left = len(events)
+        self.sent_at = 0.0
+
+
+class _Conn(asyncio.Protocol):
+    def __init__(self, producer: Producer) -> None:
+        self.p = producer
+        self.reader = fp.FrameReader(64 * 1024 * 1024)
+        self.transport: asyncio.Transport | None = None
+        self.welcome: asyncio.Future[Welcome] = asyncio.get_running_loop().create_future()
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.last_rx = time.monotonic()
+        self.goaway = False
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.last_rx = time.monotonic()
+        self.reader.feed(data)
+        try:
+            while (ft := self.reader.next_frame()) >= 0:
+                body = self.reader.body()
+                if ft == FrameType.ACK:
+                    self.p._on_ack(Ack.decode(body))
+                elif ft == FrameType.WELCOME:
+                    if not self.welcome.done():
+                        self.welcome.set_result(Welcome.decode(body))
+                elif ft == FrameType.HEARTBEAT:
+                    pass
+                elif ft == FrameType.GOAWAY:
+                    g = Goaway.decode(body)
+                    log.info("server asked to reconnect elsewhere: %s", g.message)
+                    self.goaway = True
+                    self.p._on_goaway(self)
+                elif ft == FrameType.ERROR:
+                    err = ErrorFrame.decode(body)
+                    self.p._on_server_error(err)
+                    if not self.welcome.done():
+                        self.welcome.set_exception(ServerError(err.code, err.message))
+                    self.close()
+                    return
+        except Exception as e:
+            log.warning("bad frame from server: %r; reconnecting", e)
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.welcome.done():
+            self.welcome.set_exception(ConnectionError("connection closed during the handshake"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self.can_write.set()
+
+    def pause_writing(self) -> None:
+        self.can_write.clear()
+
+    def resume_writing(self) -> None:
+        self.can_write.set()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Producer:
+    """Sends events to one eventbroker (or the next of several, on failure).
+
+    Use as ``async with Producer("host:port") as p: fut = await p.send(...)``.
+    """
+
+    def __init__(
+        self,
+        servers: str | Sequence[str] = "127.0.0.1:7480",
+        *,
+        client_id: str | None = None,
+        linger_ms: float = 5.0,
+        batch_max_bytes: int = 256 * 1024,
+        max_inflight_batches: int = 16,
+        max_buffered_events: int = 200_000,
+        connect_timeout_s: float = 10.0,
+        reconnect_backoff_ms: tuple[int, int] = (50, 5000),
+        heartbeat_interval_ms: int | None = None,
+    ) -> None:
+        if isinstance(servers, str):
+            servers = [s for s in servers.split(",") if s]
+        if not servers:
+            raise ValueError("at least one server address is needed")
+        self._servers = [parse_host_port(s) for s in servers]
+        self._server_idx = 0
+        self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}"
+        self._linger_s = linger_ms / 1000
+        self._batch_max_bytes = batch_max_bytes
+        self._max_inflight = max_inflight_batches
+        self._max_buffered = max_buffered_events
+        self._connect_timeout_s = connect_timeout_s
+        self._backoff = reconnect_backoff_ms
+        self._hb_override = heartbeat_interval_ms
+        self._ids = IdGenerator()
+        self._enc = fp.BatchEncoder()
+        self._open: list[_Pending] = []
+        self._open_types: list[int] = []
+        self._linger_handle: asyncio.TimerHandle | None = None
+        self._outbox: deque[_Batch] = deque()
+        self._inflight: dict[int, _Batch] = {}
+        self._seq = itertools.count(1)
+        self._unresolved = 0
+        self._space = asyncio.Event()
+        self._space.set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._wake_sender = asyncio.Event()
+        self._conn: _Conn | None = None
+        self._welcome: Welcome | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._closing = False
+        self._closed = False
+        self._fatal: ServerError | None = None
+        self.reconnects = 0
+        self._conn_failures = 0
+        self.stats = {"sent": 0, "persisted": 0, "rejected": 0, "retried": 0, "resent_after_reconnect": 0}
+
+    # lifecycle
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._connection_loop(), name="eventbroker-producer-conn"))
+        self._tasks.append(loop.create_task(self._sender_loop(), name="eventbroker-producer-send"))
+
+    async def __aenter__(self) -> Producer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every event sent so far is acknowledged (or rejected)."""
+        self._seal()
+        await asyncio.wait_for(self._idle.wait(), timeout_s)
+        if self._fatal is not None and self._unresolved:
+            raise self._fatal
+
+    async def close(self, timeout_s: float | None = 60.0) -> None:
+        """Flush, then close the connection. Events still unacknowledged after
+        ``timeout_s`` fail with ``ProducerClosed``."""
+        if self._closed:
+            return
+        self._closing = True
+        try:
+            await self.flush(timeout_s)
+        except (TimeoutError, ServerError):
+            pass
+        finally:
+            self._closed = True
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._conn is not None:
+                self._conn.close()
+            self._fail_all(ProducerClosed("producer closed before the event was acknowledged"))
+
+    # sending
+
+    async def send(
+        self,
+        event_type: str,
+        payload: bytes,
+        *,
+        key: bytes | None = None,
+        timestamp_ms: int | None = None,
+        event_id: bytes | None = None,
+    ) -> asyncio.Future[bytes]:
+        """Queue one event; the returned future resolves to its event id once persisted.
+
+        Waits while ``max_buffered_events`` events are unacknowledged.
+        """
+        if self._closing or self._closed:
+            raise ProducerClosed("producer is closed")
+        if self._fatal is not None:
+            raise self._fatal
+        while self._unresolved >= self._max_buffered:
+            self._space.clear()
+            await self._space.wait()
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        eid = event_id if event_id is not None else self._ids()
+        ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
+        ev = _Pending(event_type.encode("utf-8"), eid, ts, key, payload, fut)
+        self._unresolved += 1
+        self._idle.clear()
+        self.stats["sent"] += 1
+        max_event = self._welcome.max_event_bytes if self._welcome else 512 * 1024
+        if len(payload) + (len(key) if key else 0) > max_event:
+            self._resolve(ev, EventRejected("too_large", eid, event_type))
+            return fut
+        self._append(ev)
+        return fut
+
+    async def send_and_wait(self, event_type: str, payload: bytes, **kw: Any) -> bytes:
+        return await (await self.send(event_type, payload, **kw))
+
+    def _append(self, ev: _Pending) -> None:
+        size = _EVENT_OVERHEAD + len(ev.payload) + (len(ev.key) if ev.key else 0)
+        limit = self._frame_limit()
+        if self._open and (self._enc.frame_bytes + size + 256 > limit or self._enc.count >= self._max_events()):
+            self._seal()
+        ti = self._enc.add(ev.type, ev.event_id, ev.timestamp_ms, ev.key, ev.payload)
+        self._open.append(ev)
+        self._open_types.append(ti)
+        if self._enc.frame_bytes >= self._batch_max_bytes:
+            self._seal()
+        elif self._linger_handle is None:
+            self._linger_handle = asyncio.get_running_loop().call_later(self._linger_s, self._seal)
+
+    def _frame_limit(self) -> int:
+        mf = self._welcome.max_frame_bytes if self._welcome else 1024 * 1024
+        return min(mf, max(self._batch_max_bytes * 2, 64 * 1024))
+
+    def _max_events(self) -> int:
+        return self._welcome.max_events_per_batch if self._welcome else 65536
+
+    def _seal(self) -> None:
+        if self._linger_handle is not None:
+            self._linger_handle.cancel()
+            self._linger_handle = None
+        if not self._open:
+            return
+        seq = next(self._seq)
+        batch = _Batch(seq, self._enc.finish(seq), self._open, self._open_types)
+        self._open = []
+        self._open_types = []
+        self._outbox.append(batch)
+        self._wake_sender.set()
+
+    async def _sender_loop(self) -> None:
+        while True:
+            await self._wake_sender.wait()
+            self._wake_sender.clear()
+            while self._outbox:
+                conn = self._conn
+                if conn is None or conn.goaway or self._welcome is None:
+                    break
+                if len(self._inflight) >= self._max_inflight:
+                    break
+                await conn.can_write.wait()
+                if conn is not self._conn or conn.goaway:
+                    break
+                batch = self._outbox.popleft()
+                batch.sent_at = time.monotonic()
+                self._inflight[batch.seq] = batch
+                conn.write(batch.frame)
+
+    # acks
+
+    def _on_ack(self, ack: Ack) -> None:
+        batch = self._inflight.get(ack.batch_seq)
+        if batch is None:
+            return  # a batch answered before a reconnect; already resent
+        # Entries that list their events come first; the others cover the rest.
+        retry: list[_Pending] = []
+        retry_after = 0
+        for e in sorted(ack.entries, key=lambda e: not e.indices):
+            idxs = e.indices if e.indices else batch.by_type.get(e.type_index, ())
+            for i in idxs:
+                if i >= len(batch.events) or batch.answered[i]:
+                    continue
+                batch.answered[i] = 1
+                batch.left -= 1
+                ev = batch.events[i]
+                if e.status == Status.PERSISTED:
+                    self._resolve(ev, None)
+                elif e.status == Status.RETRY_LATER:
+                    retry.append(ev)
+                    retry_after = max(retry_after, e.retry_after_ms)
+                else:
+                    self._resolve(ev, EventRejected(reason_name(e.reason), ev.event_id, ev.type.decode()))
+        if retry:
+            self.stats["retried"] += len(retry)
+            delay = retry_after / 1000 * (0.75 + random.random() / 2)
+            asyncio.get_running_loop().call_later(delay, self._requeue, retry)
+        if batch.left == 0:
+            del self._inflight[batch.seq]
+            self._wake_sender.set()
+            conn = self._conn
+            if conn is not None and conn.goaway and not self._inflight:
+                conn.close()
+
+    def _requeue(self, events: list[_Pending]) -> None:
+        if self._closed:
+            return
+        for ev in events:
+            self._append(ev)
+        self._seal()
+
+    def _resolve(self, ev: _Pending, exc: BaseException | None) -> None:
+        fut = ev.future
+        if not fut.done():
+            if exc is None:
+                fut.set_result(ev.event_id)
+                self.stats["persisted"] += 1
+            else:
+                fut.set_exception(exc)
+                self.stats["rejected"] += 1
+        self._unresolved -= 1
+        if self._unresolved < self._max_buffered:
+            self._space.set()
+        if self._unresolved == 0:
+            self._idle.set()
+
+    def _fail_all(self, exc: BaseException) -> None:
+        pending = [ev for b in self._inflight.values() for i, ev in enumerate(b.events) if not b.answered[i]]
+        pending += [ev for b in self._outbox for ev in b.events] + self._open
+        self._inflight.clear()
+        self._outbox.clear()
+        self._open = []
+        for ev in pending:
+            self._resolve(ev, exc)
+
+    # connection management
+
+    def _on_goaway(self, conn: _Conn) -> None:
+        if not self._inflight:
+            conn.close()
+
+    def _on_server_error(self, err: ErrorFrame) -> None:
+        log.warning("server closed the connection: error %s: %s", err.code, err.message)
+        if err.code in _FATAL_CODES:
+            self._fatal = ServerError(err.code, err.message)
+
+    async def _connect_once(self) -> _Conn:
+        host, port = self._servers[self._server_idx % len(self._servers)]
+        loop = asyncio.get_running_loop()
+        _, conn = await asyncio.wait_for(
+            loop.create_connection(lambda: _Conn(self), host, port), self._connect_timeout_s
+        )
+        conn.write(Hello(self.client_id).encode())
+        try:
+            welcome = await asyncio.wait_for(asyncio.shield(conn.welcome), self._connect_timeout_s)
+        except BaseException:
+            conn.close()
+            raise
+        self._welcome = welcome
+        return conn
+
+    def _resend_unacked(self) -> None:
+        """Put every unanswered event of in-flight batches back in front of the outbox."""
+        if not self._inflight:
+            return
+        events = [ev for b in sorted(self._inflight.values(), key=lambda b: b.seq)
+                  for i, ev in enumerate(b.events) if not b.answered[i]]
+        self._inflight.clear()
+        self.stats["resent_after_reconnect"] += len(events)
+        queued = list(self._outbox)
+        self._outbox.clear()
+        for ev in events:
+            self._append(ev)
+        self._seal()
+        self._outbox.extend(queued)
+
+    async def _connection_loop(self) -> None:
+        delay = self._backoff[0] / 1000
+        first = True
+        while not self._closed:
+            try:
+                conn = await self._connect_once()
+            except ServerError as e:
+                if e.code in _FATAL_CODES:
+                    self._fatal = e
+                    self._fail_all(e)
+                    return
+                conn = None
+            except (OSError, TimeoutError, ConnectionError) as e:
+                if not self._conn_failures:
+                    log.warning("cannot connect to %s:%s: %s", *self._servers[self._server_idx % len(self._servers)], e)
+                conn = None
+            if conn is None:
+                self._conn_failures += 1
+                self._server_idx += 1
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self._backoff[1] / 1000)
+                continue
+            if not first:
+                self.reconnects += 1
+            first = False
+            if self._conn_failures:
+                log.info("connected to %s:%s after %d failed attempts", *self._servers[self._server_idx % len(self._servers)], self._conn_failures)
+            self._conn_failures = 0
+            delay = self._backoff[0] / 1000
+            self._conn = conn
+            self._resend_unacked()
+            self._wake_sender.set()
+            hb = asyncio.get_running_loop().create_task(self._heartbeats(conn))
+            try:
+                await conn.lost
+            finally:
+                hb.cancel()
+                self._conn = None
+                self._welcome = self._welcome  # keep limits for batching
+            if conn.goaway:
+                self._server_idx += 1
+
+    async def _heartbeats(self, conn: _Conn) -> None:
+        welcome = self._welcome
+        interval = (self._hb_override or (welcome.heartbeat_interval_ms if welcome else 5000)) / 1000
+        token = 0
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() - conn.last_rx > 3 * interval and (self._inflight or token):
+                log.warning("no answer from the server for %.1fs; reconnecting", 3 * interval)
+                if conn.transport is not None:
+                    conn.transport.abort()
+                return
+            token += 1
+            conn.write(encode_heartbeat(token))

@@ -1,0 +1,198 @@
+"""Configuration: frozen msgspec Structs decoded from TOML and validated on load.
+
+Units are in the field names. A bad file is refused with an error that names
+the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from eventbroker.errors import ConfigError
+
+DEFAULT_LISTEN = "127.0.0.1:7480"
+DEFAULT_EMBEDDED_PORT = 19092
+
+TypeName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_.\-]{0,63}$")]
+Priority = Literal["critical", "high", "normal", "low"]
+Partitioning = Literal["key", "spread"]
+
+PRIORITY_ORDER: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3}
+
+
+class _Base(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Base):
+    listen: str = DEFAULT_LISTEN
+    server_id: str = ""
+    max_frame_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
+    max_event_bytes: Annotated[int, Meta(ge=1)] = 512 * 1024
+    max_events_per_batch: Annotated[int, Meta(ge=1, le=1_000_000)] = 65536
+    heartbeat_interval_ms: Annotated[int, Meta(ge=100)] = 5000
+    drain_timeout_ms: Annotated[int, Meta(ge=0)] = 10_000
+
+    def __post_init__(self) -> None:
+        parse_host_port(self.listen)
+        if self.max_event_bytes > self.max_frame_bytes:
+            raise ValueError("max_event_bytes must not exceed max_frame_bytes")
+
+
+class KafkaConfig(_Base):
+    # Empty: start the embedded development broker (Tansu) on embedded_port.
+    bootstrap_servers: str = ""
+    sink: Literal["kafka", "null"] = "kafka"
+    client_id: str = "eventbroker"
+    embedded_port: Annotated[int, Meta(ge=0, le=65535)] = DEFAULT_EMBEDDED_PORT
+    linger_ms: Annotated[int, Meta(ge=0, le=10_000)] = 2
+    batch_max_bytes: Annotated[int, Meta(ge=1024)] = 1_000_000
+    max_inflight_batches_per_type: Annotated[int, Meta(ge=1, le=64)] = 4
+    request_timeout_ms: Annotated[int, Meta(ge=100)] = 30_000
+    retry_backoff_ms: Annotated[int, Meta(ge=1)] = 100
+    retry_backoff_max_ms: Annotated[int, Meta(ge=1)] = 5_000
+    create_topics: bool = True
+    topic_partitions: Annotated[int, Meta(ge=1)] = 4
+    replication_factor: Annotated[int, Meta(ge=1)] = 1
+
+
+class TypeDefaults(_Base):
+    priority: Priority = "normal"
+    max_event_bytes: Annotated[int, Meta(ge=1)] = 512 * 1024
+    partitioning: Partitioning = "key"
+    ring_bytes: Annotated[int, Meta(ge=64 * 1024)] = 64 * 1024 * 1024
+    enabled: bool = True
+
+
+class EventTypeConfig(_Base):
+    # Every field falls back to [defaults]; topic falls back to "events.<type>".
+    topic: str | None = None
+    priority: Priority | None = None
+    max_event_bytes: Annotated[int, Meta(ge=1)] | None = None
+    partitioning: Partitioning | None = None
+    ring_bytes: Annotated[int, Meta(ge=64 * 1024)] | None = None
+    enabled: bool | None = None
+
+
+class Config(_Base):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    defaults: TypeDefaults = msgspec.field(default_factory=TypeDefaults)
+    types: dict[TypeName, EventTypeConfig] = msgspec.field(default_factory=dict)
+
+
+class EventType(Struct, frozen=True, kw_only=True):
+    """One event type with every default resolved."""
+
+    name: str
+    topic: str
+    priority: Priority
+    max_event_bytes: int
+    partitioning: Partitioning
+    ring_bytes: int
+    enabled: bool
+
+
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
+
+
+def resolve_types(cfg: Config) -> dict[str, EventType]:
+    """The registry: every configured type with defaults applied, validated."""
+    d = cfg.defaults
+    out: dict[str, EventType] = {}
+    for name, t in sorted(cfg.types.items()):
+        topic = t.topic if t.topic is not None else f"events.{name}"
+        if not _TOPIC_RE.match(topic):
+            raise ValueError(f"types.{name}.topic: {topic!r} is not a valid Kafka topic name")
+        et = EventType(
+            name=name,
+            topic=topic,
+            priority=t.priority or d.priority,
+            max_event_bytes=t.max_event_bytes or d.max_event_bytes,
+            partitioning=t.partitioning or d.partitioning,
+            ring_bytes=t.ring_bytes or d.ring_bytes,
+            enabled=d.enabled if t.enabled is None else t.enabled,
+        )
+        if et.ring_bytes < 2 * cfg.server.max_frame_bytes:
+            raise ValueError(
+                f"types.{name}.ring_bytes: {et.ring_bytes} is less than twice server.max_frame_bytes "
+                f"({cfg.server.max_frame_bytes}); one batch must always fit"
+            )
+        out[name] = et
+    return out
+
+
+def parse_host_port(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Parse ``host:port`` (``[v6]:port`` too); raises ValueError with the reason."""
+    host, sep, port_s = value.rpartition(":")
+    if not sep:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    host = host.strip("[]") or default_host
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"{value!r}: port {port_s!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{value!r}: port out of range")
+    return host, port
+
+
+def _explain(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
+    msg = str(exc)
+    m = re.search(r" - at `(key` in `)?\$(.*)`$", msg)
+    if m:
+        key = m.group(2).lstrip(".").replace("[...]", ".<name>")
+        what = "a name under" if m.group(1) else "key"
+        return f"{what} '{key}': {msg[: m.start()]}"
+    return msg
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load and validate a TOML file; None gives the built-in defaults."""
+    if path is None:
+        cfg = Config()
+    else:
+        p = Path(path)
+        try:
+            data = p.read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
+        try:
+            cfg = msgspec.toml.decode(data, type=Config)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            raise ConfigError(f"{p}: {_explain(e)}") from None
+        try:
+            resolve_types(cfg)
+        except ValueError as e:
+            raise ConfigError(f"{p}: key {e}") from None
+    return cfg
+
+
+def with_overrides(
+    cfg: Config, *, listen: str | None = None, kafka: str | None = None, sink: str | None = None
+) -> Config:
+    """Apply command-line overrides, validated like the file."""
+    server, kafka_cfg = cfg.server, cfg.kafka
+    if listen is not None:
+        try:
+            parse_host_port(listen)
+        except ValueError as e:
+            raise ConfigError(f"--listen: {e}") from None
+        server = msgspec.structs.replace(server, listen=listen)
+    if kafka is not None:
+        kafka_cfg = msgspec.structs.replace(kafka_cfg, bootstrap_servers=kafka)
+    if sink is not None:
+        if sink not in ("kafka", "null"):
+            raise ConfigError(f"--sink: {sink!r} is not 'kafka' or 'null'")
+        kafka_cfg = msgspec.structs.replace(kafka_cfg, sink=sink)
+    return msgspec.structs.replace(cfg, server=server, kafka=kafka_cfg)
+
+
+def default_server_id() -> str:
+    return socket.gethostname()

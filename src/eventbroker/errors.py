@@ -1,0 +1,60 @@
+"""Exceptions raised by eventbroker.
+
+One root, ``EventBrokerError``, and a few families under it:
+
+* ``ConfigError`` (also a ``ValueError``): misuse or a bad configuration file.
+* ``ProtocolError``: the peer broke the wire protocol; carries the error code
+  sent in the ERROR frame.
+* ``DeliveryError``: an event was not delivered; ``retriable`` says whether
+  sending it again may succeed. ``EventRejected`` carries the reason.
+
+Operating-system errors stay the built-in ``ConnectionError`` family.
+"""
+
+from __future__ import annotations
+
+
+class EventBrokerError(Exception):
+    """Root of every eventbroker exception."""
+
+
+class ConfigError(EventBrokerError, ValueError):
+    """A configuration file or argument is invalid."""
+
+
+class ProtocolError(EventBrokerError):
+    """The peer sent bytes that break the wire protocol."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __reduce__(self):  # keep pickling (multiprocessing) working
+        return (type(self), (self.code, self.message))
+
+
+class ServerError(ProtocolError):
+    """The server closed the connection with an ERROR frame."""
+
+
+class DeliveryError(EventBrokerError):
+    """An event could not be delivered."""
+
+    retriable = False
+
+
+class EventRejected(DeliveryError):
+    """The gateway rejected an event; ``reason`` says why (see ``Reason``)."""
+
+    def __init__(self, reason: str, event_id: bytes, event_type: str) -> None:
+        super().__init__(f"event {event_id.hex()} of type {event_type!r} rejected: {reason}")
+        self.reason = reason
+        self.event_id = event_id
+        self.event_type = event_type
+
+
+class ProducerClosed(DeliveryError):
+    """The producer was closed before the event was acknowledged."""
+
+    retriable = True

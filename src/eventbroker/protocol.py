@@ -1,0 +1,320 @@
+"""Wire protocol v1: constants and the per-frame (not per-event) codecs.
+
+The byte-level specification is docs/protocol.md. Event batches are encoded
+and decoded in ``_fastpath`` (``BatchEncoder``, ``Router.ingest``); this module
+handles the control frames (handshake, acks, heartbeats, goaway, errors) and
+carries a plain reference decoder for batches that tests and tools use.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from eventbroker import _fastpath as fp
+from eventbroker.errors import ProtocolError
+
+MAGIC = b"EVBK"
+PROTOCOL_VERSION = 1
+FRAME_HEADER_BYTES = 12
+EVENT_HEADER_BYTES = 32
+MAX_CLIENT_ID_BYTES = 255
+MAX_TYPE_NAME_BYTES = 255
+MAX_KEY_BYTES = 65535
+
+encode_frame = fp.encode_frame
+
+
+class FrameType(IntEnum):
+    HELLO = fp.FRAME_HELLO
+    WELCOME = fp.FRAME_WELCOME
+    EVENT_BATCH = fp.FRAME_EVENT_BATCH
+    ACK = fp.FRAME_ACK
+    HEARTBEAT = fp.FRAME_HEARTBEAT
+    GOAWAY = fp.FRAME_GOAWAY
+    ERROR = fp.FRAME_ERROR
+
+
+class ErrorCode(IntEnum):
+    """Codes of the fatal ERROR frame; the server closes the connection after it."""
+
+    BAD_CHECKSUM = fp.ERR_BAD_CHECKSUM
+    FRAME_TOO_LARGE = fp.ERR_FRAME_TOO_LARGE
+    MALFORMED_FRAME = fp.ERR_MALFORMED_FRAME
+    UNKNOWN_FRAME_TYPE = fp.ERR_UNKNOWN_FRAME_TYPE
+    BAD_HANDSHAKE = fp.ERR_BAD_HANDSHAKE
+    UNSUPPORTED_VERSION = fp.ERR_UNSUPPORTED_VERSION
+    AUTH_FAILED = 7
+    TOO_MANY_EVENTS = fp.ERR_TOO_MANY_EVENTS
+    TRUNCATED_STREAM = fp.ERR_TRUNCATED_STREAM
+    UNEXPECTED_FRAME = 10
+    INTERNAL = 11
+
+
+class Status(IntEnum):
+    PERSISTED = fp.STATUS_PERSISTED
+    REJECTED = fp.STATUS_REJECTED
+    RETRY_LATER = fp.STATUS_RETRY_LATER
+
+
+class Reason(IntEnum):
+    NONE = fp.REASON_NONE
+    UNKNOWN_TYPE = fp.REASON_UNKNOWN_TYPE
+    TOO_LARGE = fp.REASON_TOO_LARGE
+    DISABLED = fp.REASON_DISABLED
+    INVALID = fp.REASON_INVALID
+    FORBIDDEN = 5
+    OVERLOADED = fp.REASON_OVERLOADED
+    KAFKA_UNAVAILABLE = 17
+    SHUTTING_DOWN = 18
+
+
+class GoawayReason(IntEnum):
+    SHUTTING_DOWN = 1
+    REBALANCE = 2
+
+
+def reason_name(code: int) -> str:
+    try:
+        return Reason(code).name.lower()
+    except ValueError:
+        return f"reason_{code}"
+
+
+_U16 = struct.Struct(">H")
+_HELLO_HEAD = struct.Struct(">4sHH")
+_WELCOME_HEAD = struct.Struct(">HHIIII")
+_ACK_HEAD = struct.Struct(">QH")
+_ACK_ENTRY = struct.Struct(">HBBIII")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+_GOAWAY_HEAD = struct.Struct(">HI")
+_ERROR_HEAD = struct.Struct(">H")
+
+
+def _pack_str(b: bytes) -> bytes:
+    return _U16.pack(len(b)) + b
+
+
+class _Cursor:
+    """Bounds-checked reads over one frame body."""
+
+    __slots__ = ("data", "pos", "what")
+
+    def __init__(self, data: bytes, what: str) -> None:
+        self.data = data
+        self.pos = 0
+        self.what = what
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise ProtocolError(ErrorCode.MALFORMED_FRAME, f"{self.what} frame is truncated")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, s: struct.Struct) -> tuple:
+        return s.unpack(self.take(s.size))
+
+    def string(self) -> bytes:
+        (n,) = self.unpack(_U16)
+        return self.take(n)
+
+    def end(self) -> None:
+        if self.pos != len(self.data):
+            raise ProtocolError(ErrorCode.MALFORMED_FRAME, f"{self.what} frame has trailing bytes")
+
+
+@dataclass(frozen=True)
+class Hello:
+    client_id: str
+    auth: bytes = b""
+    version: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        cid = self.client_id.encode("utf-8")
+        if len(cid) > MAX_CLIENT_ID_BYTES:
+            raise ValueError("client_id longer than 255 bytes")
+        body = _HELLO_HEAD.pack(MAGIC, self.version, 0) + _pack_str(cid) + _pack_str(self.auth)
+        return encode_frame(FrameType.HELLO, body)
+
+    @classmethod
+    def decode(cls, body: bytes) -> Hello:
+        c = _Cursor(body, "HELLO")
+        magic, version, _flags = c.unpack(_HELLO_HEAD)
+        if magic != MAGIC:
+            raise ProtocolError(ErrorCode.BAD_HANDSHAKE, f"bad magic {magic!r}, expected {MAGIC!r}")
+        if version != PROTOCOL_VERSION:
+            raise ProtocolError(
+                ErrorCode.UNSUPPORTED_VERSION,
+                f"protocol version {version} is not supported (server speaks {PROTOCOL_VERSION})",
+            )
+        raw_id = c.string()
+        auth = c.string()
+        c.end()
+        if len(raw_id) > MAX_CLIENT_ID_BYTES:
+            raise ProtocolError(ErrorCode.BAD_HANDSHAKE, "client_id longer than 255 bytes")
+        try:
+            client_id = raw_id.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ProtocolError(ErrorCode.BAD_HANDSHAKE, "client_id is not UTF-8") from None
+        return cls(client_id=client_id, auth=auth, version=version)
+
+
+@dataclass(frozen=True)
+class Welcome:
+    max_frame_bytes: int
+    max_event_bytes: int
+    max_events_per_batch: int
+    heartbeat_interval_ms: int
+    server_id: str
+    version: int = PROTOCOL_VERSION
+
+    def encode(self) -> bytes:
+        body = _WELCOME_HEAD.pack(
+            self.version,
+            0,
+            self.max_frame_bytes,
+            self.max_event_bytes,
+            self.max_events_per_batch,
+            self.heartbeat_interval_ms,
+        ) + _pack_str(self.server_id.encode("utf-8"))
+        return encode_frame(FrameType.WELCOME, body)
+
+    @classmethod
+    def decode(cls, body: bytes) -> Welcome:
+        c = _Cursor(body, "WELCOME")
+        version, _flags, mf, me, mb, hb = c.unpack(_WELCOME_HEAD)
+        server_id = c.string().decode("utf-8", "replace")
+        c.end()
+        return cls(mf, me, mb, hb, server_id, version)
+
+
+@dataclass(frozen=True)
+class AckEntry:
+    """The answer for some events of one type in one batch.
+
+    ``indices`` empty means: every event of ``type_index`` in the batch that no
+    other entry of the same batch lists by index.
+    """
+
+    type_index: int
+    status: int
+    reason: int
+    count: int
+    retry_after_ms: int = 0
+    indices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Ack:
+    batch_seq: int
+    entries: tuple[AckEntry, ...] = field(default_factory=tuple)
+
+    def encode(self) -> bytes:
+        return encode_frame(FrameType.ACK, encode_ack_body(self.batch_seq, self.entries))
+
+    @classmethod
+    def decode(cls, body: bytes) -> Ack:
+        c = _Cursor(body, "ACK")
+        seq, n = c.unpack(_ACK_HEAD)
+        entries = []
+        for _ in range(n):
+            ti, status, reason, count, retry_ms, n_idx = c.unpack(_ACK_ENTRY)
+            raw = c.take(4 * n_idx)
+            indices = struct.unpack(f">{n_idx}I", raw) if n_idx else ()
+            entries.append(AckEntry(ti, status, reason, count, retry_ms, tuple(indices)))
+        c.end()
+        return cls(seq, tuple(entries))
+
+
+def encode_ack_body(batch_seq: int, entries) -> bytes:
+    parts = [_ACK_HEAD.pack(batch_seq, len(entries))]
+    for e in entries:
+        parts.append(_ACK_ENTRY.pack(e.type_index, e.status, e.reason, e.count, e.retry_after_ms, len(e.indices)))
+        if e.indices:
+            parts.append(struct.pack(f">{len(e.indices)}I", *e.indices))
+    return b"".join(parts)
+
+
+def encode_heartbeat(token: int) -> bytes:
+    return encode_frame(FrameType.HEARTBEAT, _U64.pack(token))
+
+
+def decode_heartbeat(body: bytes) -> int:
+    c = _Cursor(body, "HEARTBEAT")
+    (token,) = c.unpack(_U64)
+    c.end()
+    return int(token)
+
+
+@dataclass(frozen=True)
+class Goaway:
+    reason: int
+    reconnect_after_ms: int
+    message: str
+
+    def encode(self) -> bytes:
+        body = _GOAWAY_HEAD.pack(self.reason, self.reconnect_after_ms) + _pack_str(self.message.encode("utf-8"))
+        return encode_frame(FrameType.GOAWAY, body)
+
+    @classmethod
+    def decode(cls, body: bytes) -> Goaway:
+        c = _Cursor(body, "GOAWAY")
+        reason, after = c.unpack(_GOAWAY_HEAD)
+        msg = c.string().decode("utf-8", "replace")
+        c.end()
+        return cls(reason, after, msg)
+
+
+@dataclass(frozen=True)
+class ErrorFrame:
+    code: int
+    message: str
+
+    def encode(self) -> bytes:
+        msg = self.message.encode("utf-8")[:4096]
+        return encode_frame(FrameType.ERROR, _ERROR_HEAD.pack(self.code) + _pack_str(msg))
+
+    @classmethod
+    def decode(cls, body: bytes) -> ErrorFrame:
+        c = _Cursor(body, "ERROR")
+        (code,) = c.unpack(_ERROR_HEAD)
+        msg = c.string().decode("utf-8", "replace")
+        c.end()
+        return cls(code, msg)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One decoded event (reference decoder output; not used on the hot path)."""
+
+    type: str
+    event_id: bytes
+    timestamp_ms: int
+    key: bytes | None
+    payload: bytes
+
+
+_EVENT_HEAD = struct.Struct(">HHIq16s")
+
+
+def decode_batch(body: bytes) -> tuple[int, list[Event]]:
+    """Decode an EVENT_BATCH body in plain Python (for tests and tools)."""
+    c = _Cursor(body, "EVENT_BATCH")
+    seq, n_types = c.unpack(_ACK_HEAD)
+    names = []
+    for _ in range(n_types):
+        n = c.take(1)[0]
+        names.append(c.take(n).decode("utf-8", "replace"))
+    (n_events,) = c.unpack(_U32)
+    events = []
+    for _ in range(n_events):
+        ti, klen, vlen, ts, eid = c.unpack(_EVENT_HEAD)
+        if ti >= len(names):
+            raise ProtocolError(ErrorCode.MALFORMED_FRAME, "type index out of range")
+        key = c.take(klen) if klen else None
+        events.append(Event(names[ti], eid, ts, key, c.take(vlen)))
+    c.end()
+    return seq, events

@@ -1,0 +1,283 @@
+"""The asyncio TCP listener: one ``IngestProtocol`` per producer connection.
+
+``data_received`` feeds the bytes to the native ``FrameReader`` and hands each
+EVENT_BATCH frame to the native router: Python does per-frame work only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from typing import Any, cast
+
+from eventbroker import _fastpath as fp
+from eventbroker.config import ServerConfig, default_server_id, parse_host_port
+from eventbroker.errors import ProtocolError
+from eventbroker.protocol import (
+    Ack,
+    AckEntry,
+    ErrorCode,
+    ErrorFrame,
+    FrameType,
+    Goaway,
+    GoawayReason,
+    Hello,
+    Reason,
+    Status,
+    Welcome,
+    decode_heartbeat,
+    encode_ack_body,
+    encode_frame,
+    encode_heartbeat,
+)
+from eventbroker.router import Router
+
+log = logging.getLogger("eventbroker.server")
+
+_HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
+_RETRY_AFTER_MS = {Reason.OVERLOADED: 200}
+
+
+class ServerStats:
+    __slots__ = ("connections", "connections_total", "protocol_errors", "batches", "acks_sent")
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.connections_total = 0
+        self.protocol_errors = 0
+        self.batches = 0
+        self.acks_sent = 0
+
+
+class IngestProtocol(asyncio.Protocol):
+    """One producer connection."""
+
+    def __init__(self, server: IngestServer) -> None:
+        self._server = server
+        self._reader = fp.FrameReader(server.cfg.max_frame_bytes)
+        self._transport: asyncio.Transport | None = None
+        self._state = _HANDSHAKE
+        self._pending_acks: dict[int, list[AckEntry]] = {}
+        self._flush_scheduled = False
+        self._paused = False
+        self.closed = False
+        self.client_id = ""
+        self.peer = ""
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._server.connection_opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._state == _CLOSED:
+            return
+        reader = self._reader
+        reader.feed(data)
+        try:
+            while True:
+                ftype = reader.next_frame()
+                if ftype < 0:
+                    return
+                if ftype == FrameType.EVENT_BATCH and self._state == _OPEN:
+                    self._on_batch()
+                elif self._state == _HANDSHAKE:
+                    self._on_handshake(ftype)
+                elif ftype == FrameType.HEARTBEAT:
+                    self._write(encode_heartbeat(decode_heartbeat(reader.body())))
+                else:
+                    raise ProtocolError(
+                        ErrorCode.UNEXPECTED_FRAME, f"frame type {ftype} is not sent by producers"
+                    )
+                if self._state == _CLOSED:
+                    return
+        except ProtocolError as e:
+            self._fatal(e.code, e.message)
+        except Exception:  # a bug here must not take the daemon down
+            log.exception("internal error on connection from %s", self.peer)
+            self._fatal(ErrorCode.INTERNAL, "internal error")
+
+    def eof_received(self) -> bool | None:
+        if self._state != _CLOSED and self._reader.buffered_bytes:
+            self._fatal(
+                ErrorCode.TRUNCATED_STREAM,
+                f"connection ended inside a frame ({self._reader.buffered_bytes} bytes of it)",
+            )
+        return None  # close the transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state = _CLOSED
+        self.closed = True
+        self._pending_acks.clear()
+        self._server.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        # The producer is not reading its acks: stop reading its batches.
+        self._paused = True
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._transport is not None and self._state != _CLOSED:
+            self._transport.resume_reading()
+
+    # frames
+
+    def _on_handshake(self, ftype: int) -> None:
+        if ftype != FrameType.HELLO:
+            raise ProtocolError(ErrorCode.BAD_HANDSHAKE, f"expected HELLO as the first frame, got type {ftype}")
+        hello = Hello.decode(self._reader.body())
+        if hello.auth:
+            raise ProtocolError(ErrorCode.AUTH_FAILED, "authentication is not configured on this server")
+        self.client_id = hello.client_id
+        cfg = self._server.cfg
+        self._write(
+            Welcome(
+                max_frame_bytes=cfg.max_frame_bytes,
+                max_event_bytes=cfg.max_event_bytes,
+                max_events_per_batch=cfg.max_events_per_batch,
+                heartbeat_interval_ms=cfg.heartbeat_interval_ms,
+                server_id=self._server.server_id,
+            ).encode()
+        )
+        self._state = _OPEN
+        if self._server.draining:
+            self.send_goaway()
+
+    def _on_batch(self) -> None:
+        server = self._server
+        seq, _names, results = server.router.core.ingest(self._reader, int(time.time() * 1000))
+        server.stats.batches += 1
+        now_entries = []
+        for ti, status, reason, count, indices, ring in results:
+            if status == fp.STATUS_ACCEPTED:
+                ring.lane.add_segment(self, seq, ti, count)
+            else:
+                if server.draining and status == Status.RETRY_LATER:
+                    reason = Reason.SHUTTING_DOWN
+                now_entries.append(
+                    AckEntry(ti, status, reason, count, _RETRY_AFTER_MS.get(reason, 0), tuple(indices or ()))
+                )
+        if now_entries:
+            # Listed (per-event) entries first, as the protocol asks.
+            now_entries.sort(key=lambda e: not e.indices)
+            self._write(Ack(seq, tuple(now_entries)).encode())
+
+    def part_persisted(self, batch_seq: int, type_index: int, count: int) -> None:
+        entry = AckEntry(type_index, Status.PERSISTED, Reason.NONE, count)
+        self._pending_acks.setdefault(batch_seq, []).append(entry)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def _flush_acks(self) -> None:
+        self._flush_scheduled = False
+        if self._state == _CLOSED or not self._pending_acks:
+            return
+        frames = [
+            encode_frame(FrameType.ACK, encode_ack_body(seq, entries)) for seq, entries in self._pending_acks.items()
+        ]
+        self._pending_acks.clear()
+        self._server.stats.acks_sent += len(frames)
+        self._write(b"".join(frames))
+
+    def send_goaway(self, reconnect_after_ms: int = 0) -> None:
+        if self._state == _OPEN:
+            self._write(Goaway(GoawayReason.SHUTTING_DOWN, reconnect_after_ms, "server is shutting down").encode())
+
+    def _write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    def _fatal(self, code: int, message: str) -> None:
+        if self._state == _CLOSED:
+            return
+        self._server.stats.protocol_errors += 1
+        log.info("closing connection from %s (%s): %s: %s", self.peer, self.client_id or "-", _code_name(code), message)
+        self._write(ErrorFrame(code, message).encode())
+        self._state = _CLOSED
+        self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def _code_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name.lower()
+    except ValueError:
+        return str(code)
+
+
+class IngestServer:
+    """The listening socket and its connections."""
+
+    def __init__(self, cfg: ServerConfig, router: Router) -> None:
+        self.cfg = cfg
+        self.router = router
+        self.server_id = cfg.server_id or default_server_id()
+        self.stats = ServerStats()
+        self.draining = False
+        self._server: asyncio.AbstractServer | None = None
+        self._conns: set[IngestProtocol] = set()
+
+    async def start(self, **kw: Any) -> None:
+        host, port = parse_host_port(self.cfg.listen)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: IngestProtocol(self), host, port, reuse_address=True, backlog=4096, **kw
+        )
+        log.info("listening on %s", ", ".join(self.addresses))
+
+    @property
+    def addresses(self) -> list[str]:
+        if self._server is None:
+            return []
+        out = []
+        for s in self._server.sockets:
+            addr = s.getsockname()
+            out.append(f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}")
+        return out
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def connection_opened(self, conn: IngestProtocol) -> None:
+        self._conns.add(conn)
+        self.stats.connections = len(self._conns)
+        self.stats.connections_total += 1
+
+    def connection_closed(self, conn: IngestProtocol) -> None:
+        self._conns.discard(conn)
+        self.stats.connections = len(self._conns)
+
+    async def drain(self, deadline: float) -> None:
+        """Stop accepting, ask producers to go elsewhere, finish their batches."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self._conns):
+            conn.send_goaway()
+        while not self.router.idle and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        for conn in list(self._conns):
+            conn.abort()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
