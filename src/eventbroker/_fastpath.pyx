@@ -515,7 +515,7 @@ cdef class TypeRing:
         cdef unsigned char *w
         cdef uint32_t crc
         cdef long long end_seq
-        cdef Py_ssize_t end_off, i, k
+        cdef Py_ssize_t end_off, end_idx, i, k
         if self.pending_events == 0:
             return None
         if np_ < 1:
@@ -542,24 +542,24 @@ cdef class TypeRing:
                 else:
                     p = sticky_partition
                 ts = <int64_t>eb_ld64(e + 16)
-                if parts[p].count == 0:
-                    parts[p].base_ts = ts
-                    parts[p].max_ts = ts
-                    delta = 0
-                else:
-                    delta = ts - parts[p].base_ts
-                    if ts > parts[p].max_ts:
-                        parts[p].max_ts = ts
+                delta = ts - parts[p].base_ts if parts[p].count else 0
                 body = 1 + eb_varint_size(delta) + eb_varint_size(parts[p].count) + tail_len
                 rec = eb_varint_size(body) + body
                 if n_events and total + rec > max_bytes:
                     break
+                # Only an entry taken into this unit may set the batch timestamps.
+                if parts[p].count == 0:
+                    parts[p].base_ts = ts
+                    parts[p].max_ts = ts
+                elif ts > parts[p].max_ts:
+                    parts[p].max_ts = ts
                 total += rec
                 parts[p].size += rec
                 parts[p].count += 1
                 n_events += 1
                 n_bytes += ENTRY_HEADER_BYTES + tail_len
                 off += ENTRY_HEADER_BYTES + tail_len
+            end_idx = idx
             end_seq = (<_Chunk>self._chunks[idx]).seq
             end_off = off
             # Pass 2: write the batches.
@@ -615,8 +615,10 @@ cdef class TypeRing:
                     eb_st32(w + 57, <uint32_t>parts[i].count)
                     crc = eb_crc32c(0, w + 21, <size_t>(parts[i].out - w - 21))
                     eb_st32(w + 17, crc)
-            self._read_idx = idx
-            self._read_off = off
+            # Resume where pass 1 stopped (it may have stepped into the next
+            # chunk), so the read position agrees with (end_seq, end_off).
+            self._read_idx = end_idx
+            self._read_off = end_off
             self.pending_events -= n_events
             self.pending_bytes -= n_bytes
             return batches, n_events, n_bytes, end_seq, end_off

@@ -11,7 +11,13 @@ from pathlib import Path
 
 import orjson
 
-from eventbroker.config import DEFAULT_EMBEDDED_PORT, DEFAULT_LISTEN, load_config, resolve_types, with_overrides
+from eventbroker.config import (
+    DEFAULT_EMBEDDED_PORT,
+    DEFAULT_LISTEN,
+    load_config,
+    resolve_types,
+    with_overrides,
+)
 from eventbroker.errors import ConfigError, EventBrokerError, EventRejected
 
 log = logging.getLogger("eventbroker")

@@ -26,11 +26,11 @@ Partitioning = Literal["key", "spread"]
 PRIORITY_ORDER: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 
 
-class _Base(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+class _Base(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
     pass
 
 
-class ServerConfig(_Base):
+class ServerConfig(_Base, frozen=True):
     listen: str = DEFAULT_LISTEN
     server_id: str = ""
     max_frame_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
@@ -45,7 +45,7 @@ class ServerConfig(_Base):
             raise ValueError("max_event_bytes must not exceed max_frame_bytes")
 
 
-class KafkaConfig(_Base):
+class KafkaConfig(_Base, frozen=True):
     # Empty: start the embedded development broker (Tansu) on embedded_port.
     bootstrap_servers: str = ""
     sink: Literal["kafka", "null"] = "kafka"
@@ -62,7 +62,7 @@ class KafkaConfig(_Base):
     replication_factor: Annotated[int, Meta(ge=1)] = 1
 
 
-class TypeDefaults(_Base):
+class TypeDefaults(_Base, frozen=True):
     priority: Priority = "normal"
     max_event_bytes: Annotated[int, Meta(ge=1)] = 512 * 1024
     partitioning: Partitioning = "key"
@@ -70,7 +70,7 @@ class TypeDefaults(_Base):
     enabled: bool = True
 
 
-class EventTypeConfig(_Base):
+class EventTypeConfig(_Base, frozen=True):
     # Every field falls back to [defaults]; topic falls back to "events.<type>".
     topic: str | None = None
     priority: Priority | None = None
@@ -80,7 +80,7 @@ class EventTypeConfig(_Base):
     enabled: bool | None = None
 
 
-class Config(_Base):
+class Config(_Base, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     defaults: TypeDefaults = msgspec.field(default_factory=TypeDefaults)

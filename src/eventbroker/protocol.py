@@ -12,7 +12,7 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from eventbroker import _fastpath as fp
+import eventbroker._fastpath as fp
 from eventbroker.errors import ProtocolError
 
 MAGIC = b"EVBK"

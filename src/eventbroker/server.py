@@ -37,7 +37,7 @@ from eventbroker.router import Router
 log = logging.getLogger("eventbroker.server")
 
 _HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
-_RETRY_AFTER_MS = {Reason.OVERLOADED: 200}
+_RETRY_AFTER_MS: dict[int, int] = {Reason.OVERLOADED: 200}
 
 
 class ServerStats:
@@ -100,7 +100,10 @@ class IngestProtocol(asyncio.Protocol):
                 if self._state == _CLOSED:
                     return
         except ProtocolError as e:
-            self._fatal(e.code, e.message)
+            if self._state == _HANDSHAKE and e.code != ErrorCode.UNSUPPORTED_VERSION:
+                self._fatal(ErrorCode.BAD_HANDSHAKE, f"not an eventbroker v1 stream, expected HELLO: {e.message}")
+            else:
+                self._fatal(e.code, e.message)
         except Exception:  # a bug here must not take the daemon down
             log.exception("internal error on connection from %s", self.peer)
             self._fatal(ErrorCode.INTERNAL, "internal error")
@@ -159,7 +162,7 @@ class IngestProtocol(asyncio.Protocol):
         server.stats.batches += 1
         now_entries = []
         for ti, status, reason, count, indices, ring in results:
-            if status == fp.STATUS_ACCEPTED:
+            if ring is not None:  # accepted: the ack comes when Kafka has it
                 ring.lane.add_segment(self, seq, ti, count)
             else:
                 if server.draining and status == Status.RETRY_LATER:
@@ -230,7 +233,7 @@ class IngestServer:
         self.server_id = cfg.server_id or default_server_id()
         self.stats = ServerStats()
         self.draining = False
-        self._server: asyncio.AbstractServer | None = None
+        self._server: asyncio.Server | None = None
         self._conns: set[IngestProtocol] = set()
 
     async def start(self, **kw: Any) -> None:
@@ -272,7 +275,8 @@ class IngestServer:
             self._server.close()
         for conn in list(self._conns):
             conn.send_goaway()
-        while not self.router.idle and time.monotonic() < deadline:
+        # Ring fill is a counter kept in C; polling it only happens while stopping.
+        while not self.router.idle and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
     async def close(self) -> None:

@@ -1,0 +1,114 @@
+"""Type stub for the native hot path (src/eventbroker/_fastpath.pyx)."""
+
+from typing import Any
+
+Buffer = bytes | bytearray | memoryview
+
+FRAME_HELLO: int
+FRAME_WELCOME: int
+FRAME_EVENT_BATCH: int
+FRAME_ACK: int
+FRAME_HEARTBEAT: int
+FRAME_GOAWAY: int
+FRAME_ERROR: int
+ERR_BAD_CHECKSUM: int
+ERR_FRAME_TOO_LARGE: int
+ERR_MALFORMED_FRAME: int
+ERR_UNKNOWN_FRAME_TYPE: int
+ERR_BAD_HANDSHAKE: int
+ERR_UNSUPPORTED_VERSION: int
+ERR_TOO_MANY_EVENTS: int
+ERR_TRUNCATED_STREAM: int
+STATUS_PERSISTED: int
+STATUS_REJECTED: int
+STATUS_RETRY_LATER: int
+STATUS_ACCEPTED: int
+REASON_NONE: int
+REASON_UNKNOWN_TYPE: int
+REASON_TOO_LARGE: int
+REASON_DISABLED: int
+REASON_INVALID: int
+REASON_OVERLOADED: int
+HEADER_EVENT_ID: bytes
+HEADER_EVENT_TYPE: bytes
+HEADER_TIMESTAMP: bytes
+HEADER_RECEIVED: bytes
+
+def crc32c(data: Buffer, crc: int = 0) -> int: ...
+def crc32c_uses_hardware() -> bool: ...
+def murmur2(data: Buffer) -> int: ...
+def encode_frame(frame_type: int, body: Buffer) -> bytes: ...
+
+class FrameReader:
+    frame_type: int
+    max_frame_bytes: int
+    frames_read: int
+    def __init__(self, max_frame_bytes: int) -> None: ...
+    def feed(self, data: Buffer) -> None: ...
+    def next_frame(self) -> int: ...
+    def body(self) -> bytes: ...
+    @property
+    def body_length(self) -> int: ...
+    @property
+    def buffered_bytes(self) -> int: ...
+
+# (partition, record batch bytes, record count)
+KafkaBatch = tuple[int, bytes, int]
+
+class TypeRing:
+    name: str
+    name_bytes: bytes
+    enabled: bool
+    by_key: bool
+    max_event_bytes: int
+    capacity_bytes: int
+    used_bytes: int
+    pending_events: int
+    pending_bytes: int
+    events_in: int
+    lane: Any
+    def __init__(
+        self,
+        name: str,
+        *,
+        capacity_bytes: int,
+        max_event_bytes: int,
+        by_key: bool = True,
+        enabled: bool = True,
+        chunk_bytes: int = 262144,
+    ) -> None: ...
+    @property
+    def free_bytes(self) -> int: ...
+    def build_unit(
+        self, max_bytes: int, n_partitions: int, sticky_partition: int
+    ) -> tuple[list[KafkaBatch], int, int, int, int] | None: ...
+    def skip_unit(self, max_bytes: int) -> tuple[int, int, int, int] | None: ...
+    def release(self, n_bytes: int, end_seq: int, end_off: int) -> None: ...
+
+# (type_index, status, reason, count, indices or None, ring or None)
+IngestResult = tuple[int, int, int, int, list[int] | None, TypeRing | None]
+
+class Router:
+    max_events_per_batch: int
+    max_event_bytes: int
+    batches_in: int
+    def __init__(self, *, max_events_per_batch: int, max_event_bytes: int) -> None: ...
+    def add(self, ring: TypeRing) -> None: ...
+    def remove(self, name: str) -> None: ...
+    def get(self, name: str) -> TypeRing | None: ...
+    def rings(self) -> list[TypeRing]: ...
+    def ingest(self, reader: FrameReader, now_ms: int) -> tuple[int, list[bytes], list[IngestResult]]: ...
+
+class BatchEncoder:
+    count: int
+    def __init__(self) -> None: ...
+    @property
+    def frame_bytes(self) -> int: ...
+    @property
+    def type_names(self) -> list[bytes]: ...
+    def type_index(self, type_name: bytes) -> int: ...
+    def add(
+        self, type_name: bytes, event_id: Buffer, timestamp_ms: int, key: Buffer | None, value: Buffer
+    ) -> int: ...
+    def finish(self, batch_seq: int) -> bytes: ...
+    def reset(self) -> None: ...

