@@ -60,6 +60,7 @@ cdef enum:
     ID_HDR_BYTES = 23
     TS_HDR_BYTES = 15
     RECV_HDR_BYTES = 20
+    MAX_TYPES_PER_BATCH = 4096
 
 eb_crc32c_init()
 
@@ -243,6 +244,8 @@ cdef class FrameReader:
 
     def feed(self, data):
         """Add bytes received from the socket (any buffer object)."""
+        if self._src != NULL:
+            self._stash()  # frames not yet taken from the previous feed stay
         self._drop_view()
         self._body = NULL
         self._body_len = 0
@@ -283,6 +286,8 @@ cdef class FrameReader:
             self._drop_view()
         self._src = NULL
         self._src_len = self._src_pos = 0
+        self._body = NULL
+        self._body_len = 0
         return 0
 
     def next_frame(self):
@@ -743,6 +748,8 @@ cdef class Router:
         pos = 10
         if nt == 0:
             raise ProtocolError(C_ERR_MALFORMED_FRAME, "event batch has no type table")
+        if nt > MAX_TYPES_PER_BATCH:
+            raise ProtocolError(C_ERR_MALFORMED_FRAME, f"{nt} types in one batch; at most {MAX_TYPES_PER_BATCH}")
         for i in range(nt):
             if pos >= blen or pos + 1 + b[pos] > blen:
                 raise ProtocolError(C_ERR_MALFORMED_FRAME, "type table runs past the frame")
@@ -750,6 +757,8 @@ cdef class Router:
                 raise ProtocolError(C_ERR_MALFORMED_FRAME, "empty event type name")
             names.append(PyBytes_FromStringAndSize(<const char *>b + pos + 1, b[pos]))
             pos += 1 + b[pos]
+        if len(set(names)) != nt:
+            raise ProtocolError(C_ERR_MALFORMED_FRAME, "a type name is listed twice in the type table")
         if pos + 4 > blen:
             raise ProtocolError(C_ERR_MALFORMED_FRAME, "event batch ends before its event count")
         ne = eb_ld32(b + pos)
@@ -812,7 +821,9 @@ cdef class Router:
                         results.append((i, C_STATUS_REJECTED, reason, len(idx_list), idx_list, None))
                 if acc[i].n_ok == 0:
                     continue
-                if acc[i].bytes_ok > ring.capacity_bytes - ring.used_bytes:
+                # An empty ring always takes one part, so any valid batch makes
+                # progress; the bound is capacity plus one frame's worth.
+                if ring.used_bytes and acc[i].bytes_ok > ring.capacity_bytes - ring.used_bytes:
                     results.append((i, C_STATUS_RETRY_LATER, C_REASON_OVERLOADED, acc[i].n_ok, None, None))
                     continue
                 acc[i].status = C_STATUS_ACCEPTED
@@ -840,7 +851,7 @@ cdef class Router:
 cdef inline int _event_reason(const unsigned char *ev, Py_ssize_t klen, Py_ssize_t vlen,
                               TypeRing ring, Py_ssize_t global_max):
     cdef uint64_t id_hi, id_lo
-    if vlen == 0:
+    if vlen == 0 or (ev[8] & 0x80):  # empty payload, or a negative timestamp
         return C_REASON_INVALID
     memcpy(&id_hi, ev + 16, 8)
     memcpy(&id_lo, ev + 24, 8)

@@ -37,6 +37,8 @@ from eventbroker.router import Router
 log = logging.getLogger("eventbroker.server")
 
 _HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
+# Framing errors before the handshake mean the peer does not speak this protocol.
+_NOT_OUR_PROTOCOL = {ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNKNOWN_FRAME_TYPE, ErrorCode.MALFORMED_FRAME}
 _RETRY_AFTER_MS: dict[int, int] = {Reason.OVERLOADED: 200}
 
 
@@ -62,6 +64,8 @@ class IngestProtocol(asyncio.Protocol):
         self._pending_acks: dict[int, list[AckEntry]] = {}
         self._flush_scheduled = False
         self._paused = False
+        self._parts_owed = 0  # batch parts waiting for Kafka on this connection
+        self._eof = False
         self.closed = False
         self.client_id = ""
         self.peer = ""
@@ -100,7 +104,7 @@ class IngestProtocol(asyncio.Protocol):
                 if self._state == _CLOSED:
                     return
         except ProtocolError as e:
-            if self._state == _HANDSHAKE and e.code != ErrorCode.UNSUPPORTED_VERSION:
+            if self._state == _HANDSHAKE and e.code in _NOT_OUR_PROTOCOL:
                 self._fatal(ErrorCode.BAD_HANDSHAKE, f"not an eventbroker v1 stream, expected HELLO: {e.message}")
             else:
                 self._fatal(e.code, e.message)
@@ -114,6 +118,12 @@ class IngestProtocol(asyncio.Protocol):
                 ErrorCode.TRUNCATED_STREAM,
                 f"connection ended inside a frame ({self._reader.buffered_bytes} bytes of it)",
             )
+            return None
+        if self._state != _CLOSED and self._parts_owed:
+            # The producer finished sending but still waits for acks: keep the
+            # connection until they are written, then close it.
+            self._eof = True
+            return True
         return None  # close the transport
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -164,19 +174,22 @@ class IngestProtocol(asyncio.Protocol):
         for ti, status, reason, count, indices, ring in results:
             if ring is not None:  # accepted: the ack comes when Kafka has it
                 ring.lane.add_segment(self, seq, ti, count)
+                self._parts_owed += 1
             else:
                 if server.draining and status == Status.RETRY_LATER:
                     reason = Reason.SHUTTING_DOWN
                 now_entries.append(
                     AckEntry(ti, status, reason, count, _RETRY_AFTER_MS.get(reason, 0), tuple(indices or ()))
                 )
-        if now_entries:
-            # Listed (per-event) entries first, as the protocol asks.
+        if now_entries or not results:
+            # Listed (per-event) entries first, as the protocol asks. A batch
+            # with no events is answered with an empty ACK.
             now_entries.sort(key=lambda e: not e.indices)
             self._write(Ack(seq, tuple(now_entries)).encode())
 
     def part_persisted(self, batch_seq: int, type_index: int, count: int) -> None:
         entry = AckEntry(type_index, Status.PERSISTED, Reason.NONE, count)
+        self._parts_owed -= 1
         self._pending_acks.setdefault(batch_seq, []).append(entry)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -192,6 +205,8 @@ class IngestProtocol(asyncio.Protocol):
         self._pending_acks.clear()
         self._server.stats.acks_sent += len(frames)
         self._write(b"".join(frames))
+        if self._eof and not self._parts_owed and self._transport is not None:
+            self._transport.close()
 
     def send_goaway(self, reconnect_after_ms: int = 0) -> None:
         if self._state == _OPEN:

@@ -26,6 +26,8 @@ from eventbroker import _fastpath as fp
 from eventbroker.config import parse_host_port
 from eventbroker.errors import EventRejected, ProducerClosed, ServerError
 from eventbroker.protocol import (
+    MAX_KEY_BYTES,
+    MAX_TYPE_NAME_BYTES,
     Ack,
     ErrorCode,
     ErrorFrame,
@@ -275,10 +277,17 @@ class Producer:
         while self._unresolved >= self._max_buffered:
             self._space.clear()
             await self._space.wait()
+        type_b = event_type.encode("utf-8")
+        if not 0 < len(type_b) <= MAX_TYPE_NAME_BYTES:
+            raise ValueError("event type name must be 1..255 bytes of UTF-8")
+        if key is not None and len(key) > MAX_KEY_BYTES:
+            raise ValueError(f"key longer than {MAX_KEY_BYTES} bytes")
+        if event_id is not None and (len(event_id) != 16 or not any(event_id)):
+            raise ValueError("event_id must be 16 bytes, not all zero")
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         eid = event_id if event_id is not None else self._ids()
         ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
-        ev = _Pending(event_type.encode("utf-8"), eid, ts, key, payload, fut)
+        ev = _Pending(type_b, eid, ts, key, payload, fut)
         self._unresolved += 1
         self._idle.clear()
         self.stats["sent"] += 1
@@ -436,19 +445,19 @@ class Producer:
         return conn
 
     def _resend_unacked(self) -> None:
-        """Put every unanswered event of in-flight batches back in front of the outbox."""
-        if not self._inflight:
+        """After a (re)connect: re-encode every unanswered event, in-flight ones
+        first, so batches respect the limits this server announced."""
+        unacked = [ev for b in sorted(self._inflight.values(), key=lambda b: b.seq)
+                   for i, ev in enumerate(b.events) if not b.answered[i]]
+        queued = [ev for b in self._outbox for ev in b.events]
+        if not unacked and not queued:
             return
-        events = [ev for b in sorted(self._inflight.values(), key=lambda b: b.seq)
-                  for i, ev in enumerate(b.events) if not b.answered[i]]
         self._inflight.clear()
-        self.stats["resent_after_reconnect"] += len(events)
-        queued = list(self._outbox)
         self._outbox.clear()
-        for ev in events:
+        self.stats["resent_after_reconnect"] += len(unacked)
+        for ev in unacked + queued:
             self._append(ev)
         self._seal()
-        self._outbox.extend(queued)
 
     async def _connection_loop(self) -> None:
         delay = self._backoff[0] / 1000
