@@ -1,11 +1,15 @@
 """Raw-protocol load generator: pre-encoded EVENT_BATCH frames over N connections.
 
-Frames are built before the clock starts (unique event ids, one type per
-frame, types rotated), so the generator spends its CPU on the socket and on
-reading ACKs, and the daemon's cost can be measured without SDK overhead.
+Frames are built before the clock starts (one type per frame, types rotated,
+unique event ids), so the generator's CPU goes to the socket and to reading
+ACKs, and the daemon is measured without SDK overhead. Payloads carry the
+event's index, so an independent consumer can checksum what landed.
 
-Prints one JSON line: events acked, seconds, ack latency percentiles.
-Run: python benchmarks/loadgen.py --server 127.0.0.1:7480 --events 1000000
+Modes: a fixed number of events (``--events``), or a fixed time
+(``--duration``, cycling through the pre-encoded frames); ``--rate`` paces the
+offered load (events/s over all connections) for latency runs.
+
+Prints one JSON line. Run: python benchmarks/loadgen.py --server 127.0.0.1:7480
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import struct
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import orjson
@@ -24,54 +29,97 @@ from eventbroker import _fastpath as fp
 from eventbroker.protocol import Ack, FrameType, Hello, Status
 
 
-def build_frames(n_events: int, batch_events: int, event_bytes: int, types: list[str], conn_id: int) -> list[tuple[bytes, int]]:
-    prefix = struct.pack(">II", os.getpid(), conn_id)
+def payload_for(index: int, size: int) -> bytes:
+    head = struct.pack(">Q", index)
+    return head + b"x" * max(0, size - len(head)) if size >= 8 else head[:size]
+
+
+def build_frames(n_events: int, batch_events: int, event_bytes: int, types: list[str], conn_id: int, tag: int):
+    """Frames for one connection: [(frame, n_events, type_name)]; also the
+    payload checksum (sum of CRC-32C) of all events, for verification."""
+    prefix = struct.pack(">II", tag, conn_id)
     enc = fp.BatchEncoder()
     frames = []
-    payload_base = b"x" * event_bytes
     made = 0
     seq = 0
+    checksum = 0
     ts = int(time.time() * 1000)
     while made < n_events:
-        t = types[seq % len(types)].encode()
+        t = types[seq % len(types)]
+        tb = t.encode()
         n = min(batch_events, n_events - made)
         for i in range(n):
-            eid = prefix + struct.pack(">Q", made + i + 1)
-            enc.add(t, eid, ts, None, payload_base)
+            idx = made + i + 1
+            payload = payload_for((conn_id << 32) | idx, event_bytes)
+            checksum += fp.crc32c(payload)
+            enc.add(tb, prefix + struct.pack(">Q", idx), ts, None, payload)
         seq += 1
-        frames.append((enc.finish(seq), n))
+        frames.append((enc.finish(seq), n, t))
         made += n
-    return frames
+    return frames, checksum
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.acked: Counter[str] = Counter()
+        self.rejected = 0
+        self.retries = 0
+        self.latencies: list[float] = []
+        self.timeline: list[tuple[float, dict[str, int]]] = []
 
 
 class Conn(asyncio.Protocol):
-    def __init__(self, gen: Generator, frames: list[tuple[bytes, int]]) -> None:
-        self.gen = gen
+    def __init__(self, stats: Stats, frames, window: int, interval_s: float, cycle: bool) -> None:
+        self.stats = stats
         self.frames = frames
+        self.window = window
+        self.interval_s = interval_s
+        self.cycle = cycle
         self.next = 0
-        self.inflight: dict[int, tuple[int, float]] = {}
+        self.seq = 0
+        self.inflight: dict[int, tuple[int, int, float]] = {}  # seq -> (frame index, events, sent at)
         self.reader = fp.FrameReader(64 << 20)
         self.transport: asyncio.Transport | None = None
-        self.done = asyncio.get_running_loop().create_future()
-        self.welcome = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+        self.welcome = loop.create_future()
         self.can_write = True
+        self.stopping = False
+        self.next_due = 0.0
 
     def connection_made(self, transport) -> None:
         self.transport = transport
         transport.write(Hello(f"loadgen-{os.getpid()}").encode())
 
-    def start(self) -> None:
-        self.pump()
+    def _send(self, fi: int, now: float) -> None:
+        frame, n, _t = self.frames[fi]
+        self.seq += 1
+        if self.seq != fi + 1:  # cycling: rewrite the batch sequence number
+            frame = _with_seq(frame, self.seq)
+        self.inflight[self.seq] = (fi, n, now)
+        self.transport.write(frame)
 
     def pump(self) -> None:
-        window = self.gen.window
         now = time.perf_counter()
-        while self.can_write and self.next < len(self.frames) and len(self.inflight) < window:
-            frame, n = self.frames[self.next]
-            self.inflight[self.next + 1] = (n, now)
+        while self.can_write and not self.stopping and len(self.inflight) < self.window:
+            if self.next >= len(self.frames):
+                if not self.cycle:
+                    break
+                self.next = 0
+            if self.interval_s:
+                if now < self.next_due:
+                    asyncio.get_running_loop().call_at(
+                        asyncio.get_running_loop().time() + (self.next_due - now), self.pump
+                    )
+                    return
+                self.next_due = max(self.next_due + self.interval_s, now - self.interval_s)
+            self._send(self.next, now)
             self.next += 1
-            self.transport.write(frame)
-        if self.next >= len(self.frames) and not self.inflight and not self.done.done():
+        self._check_done()
+
+    def _check_done(self) -> None:
+        finished = self.stopping or (not self.cycle and self.next >= len(self.frames))
+        if finished and not self.inflight and not self.done.done():
             self.done.set_result(None)
 
     def data_received(self, data: bytes) -> None:
@@ -80,26 +128,25 @@ class Conn(asyncio.Protocol):
         while (t := r.next_frame()) >= 0:
             if t == FrameType.ACK:
                 ack = Ack.decode(r.body())
-                n, sent_at = self.inflight.pop(ack.batch_seq)
+                fi, n, sent_at = self.inflight.pop(ack.batch_seq)
                 e = ack.entries[0]
                 if e.status == Status.PERSISTED:
-                    self.gen.acked += n
-                    self.gen.latencies.append(time.perf_counter() - sent_at)
+                    self.stats.acked[self.frames[fi][2]] += n
+                    self.stats.latencies.append(time.perf_counter() - sent_at)
                 elif e.status == Status.RETRY_LATER:
-                    self.gen.retries += 1
-                    seq = ack.batch_seq
-                    asyncio.get_running_loop().call_later(e.retry_after_ms / 1000, self.resend, seq, n)
+                    self.stats.retries += 1
+                    asyncio.get_running_loop().call_later(e.retry_after_ms / 1000, self.resend, fi)
                 else:
-                    self.gen.rejected += n
+                    self.stats.rejected += n
             elif t == FrameType.WELCOME:
                 self.welcome.set_result(None)
             elif t == FrameType.ERROR:
                 print("server error frame:", r.body(), file=sys.stderr)
         self.pump()
 
-    def resend(self, seq: int, n: int) -> None:
-        self.inflight[seq] = (n, time.perf_counter())
-        self.transport.write(self.frames[seq - 1][0])
+    def resend(self, fi: int) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._send(fi, time.perf_counter())
 
     def pause_writing(self) -> None:
         self.can_write = False
@@ -113,25 +160,30 @@ class Conn(asyncio.Protocol):
             self.done.set_exception(ConnectionError(f"connection lost: {exc}"))
 
 
-class Generator:
-    def __init__(self, window: int) -> None:
-        self.window = window
-        self.acked = 0
-        self.rejected = 0
-        self.retries = 0
-        self.latencies: list[float] = []
+def _with_seq(frame: bytes, seq: int) -> bytes:
+    body = bytearray(frame[12:])
+    struct.pack_into(">Q", body, 0, seq)
+    return fp.encode_frame(FrameType.EVENT_BATCH, body)
 
 
 async def run(args: argparse.Namespace) -> dict:
     host, port = args.server.rsplit(":", 1)
     types = args.types.split(",")
-    per_conn = args.events // args.connections
-    gen = Generator(args.window)
-    frames = [build_frames(per_conn, args.batch_events, args.event_bytes, types, c) for c in range(args.connections)]
+    conns_n = args.connections
+    per_conn = max(1, args.events // conns_n)
+    stats = Stats()
+    built = [build_frames(per_conn, args.batch_events, args.event_bytes, types, c, args.tag) for c in range(conns_n)]
+    checksum = sum(c for _, c in built)
+    interval_s = 0.0
+    if args.rate:
+        interval_s = args.batch_events / (args.rate / conns_n)
     loop = asyncio.get_running_loop()
-    conns = []
-    for f in frames:
-        _, c = await loop.create_connection(lambda f=f: Conn(gen, f), host, int(port))
+    conns: list[Conn] = []
+    cycle = args.duration is not None
+    for frames, _ in built:
+        _, c = await loop.create_connection(
+            lambda f=frames: Conn(stats, f, args.window, interval_s, cycle), host, int(port)
+        )
         conns.append(c)
     await asyncio.gather(*(c.welcome for c in conns))
     if args.ready_file:
@@ -139,42 +191,60 @@ async def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     for c in conns:
-        c.start()
-    await asyncio.gather(*(c.done for c in conns))
+        c.pump()
+    if cycle:
+        end = t0 + args.duration
+        while time.perf_counter() < end:
+            await asyncio.sleep(min(0.25, end - time.perf_counter()))
+            stats.timeline.append((round(time.perf_counter() - t0, 3), dict(stats.acked)))
+        for c in conns:
+            c.stopping = True
+            c._check_done()
+        await asyncio.wait([c.done for c in conns], timeout=args.drain_timeout)
+    else:
+        await asyncio.gather(*(c.done for c in conns))
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     for c in conns:
         c.transport.close()
-    lat = sorted(gen.latencies)
+    lat = sorted(stats.latencies)
 
     def pct(p: float) -> float | None:
         return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3) if lat else None
 
+    acked = sum(stats.acked.values())
     return {
-        "events_acked": gen.acked,
-        "events_rejected": gen.rejected,
-        "retry_later_batches": gen.retries,
+        "events_acked": acked,
+        "acked_by_type": dict(stats.acked),
+        "events_offered": per_conn * conns_n if not cycle else None,
+        "payload_checksum": checksum if not cycle else None,
+        "events_rejected": stats.rejected,
+        "retry_later_batches": stats.retries,
+        "unanswered_batches": sum(len(c.inflight) for c in conns),
         "seconds": round(elapsed, 4),
-        "events_per_s": round(gen.acked / elapsed),
+        "events_per_s": round(acked / elapsed),
         "loadgen_cpu_s": round(cpu, 3),
         "ack_latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "p999": pct(0.999)},
-        "batches": len(lat),
-        "event_ids": [f"{os.getpid()}:{c}" for c in range(args.connections)],
+        "timeline": stats.timeline,
     }
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--server", required=True)
-    p.add_argument("--events", type=int, default=1_000_000)
+    p.add_argument("--events", type=int, default=1_000_000, help="events to send (per run, all connections)")
+    p.add_argument("--duration", type=float, help="send for this many seconds instead, cycling the frames")
+    p.add_argument("--rate", type=float, help="offered load, events/s over all connections")
     p.add_argument("--connections", type=int, default=4)
     p.add_argument("--batch-events", type=int, default=2000)
     p.add_argument("--event-bytes", type=int, default=200)
     p.add_argument("--types", default="play,search,client_log")
     p.add_argument("--window", type=int, default=8, help="in-flight batches per connection")
+    p.add_argument("--tag", type=int, default=os.getpid(), help="first 4 bytes of every event id")
+    p.add_argument("--drain-timeout", type=float, default=10.0)
     p.add_argument("--ready-file", help="written once all connections are up, before sending")
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.loop == "uvloop":
         import uvloop
 

@@ -92,7 +92,7 @@ def make_config(
         tcfg[name] = EventTypeConfig(**opts)
     return Config(
         server=ServerConfig(listen="127.0.0.1:0", **(server or {})),
-        kafka=KafkaConfig(bootstrap_servers=bootstrap, linger_ms=1, **(kafka or {})),
+        kafka=KafkaConfig(**{"bootstrap_servers": bootstrap, "linger_ms": 1, **(kafka or {})}),
         types=tcfg,
     )
 

@@ -14,7 +14,7 @@ import pytest
 from conftest import daemon_address, read_topic, record_headers
 from eventbroker import _fastpath as fp
 from eventbroker.client import Producer
-from eventbroker.protocol import ErrorCode, ErrorFrame, FrameType, Hello, Welcome, encode_frame
+from eventbroker.protocol import Ack, ErrorCode, ErrorFrame, FrameType, Hello, Status, Welcome, encode_frame
 
 
 async def _exchange(addr: str, payload: bytes, *, half_close: bool = False, timeout_s: float = 10.0):
@@ -139,3 +139,32 @@ async def test_heartbeat_is_echoed(daemon_factory):
         writer.close()
     assert got[0][0] == FrameType.WELCOME
     assert got[1] == (FrameType.HEARTBEAT, struct.pack(">Q", 99))
+
+
+async def test_half_close_still_gets_owed_acks(daemon_factory, kafka_bootstrap):
+    """A producer that sends its batches and shuts down its sending side still
+    receives every ACK before the server closes."""
+    async with daemon_factory() as d:
+        batches = b"".join(
+            _batch([(b"play", b"p%d" % i), (b"search", b"s%d" % i)], seq=i + 1) for i in range(20)
+        )
+        frames = await _exchange(daemon_address(d), _hello() + batches, half_close=True)
+        topic = d.router.lanes["play"].etype.topic
+    assert frames[0][0] == FrameType.WELCOME
+    acks = [Ack.decode(body) for t, body in frames if t == FrameType.ACK]
+    answered: dict[int, int] = {}
+    for a in acks:
+        for e in a.entries:
+            assert e.status == Status.PERSISTED
+            answered[a.batch_seq] = answered.get(a.batch_seq, 0) + e.count
+    assert answered == {seq: 2 for seq in range(1, 21)}
+    assert len(read_topic(kafka_bootstrap, topic, 20)) == 20
+
+
+async def test_empty_batch_gets_empty_ack(daemon_factory):
+    async with daemon_factory() as d:
+        enc = fp.BatchEncoder()
+        enc.type_index(b"play")
+        frames = await _exchange(daemon_address(d), _hello() + enc.finish(5), half_close=True)
+    assert [t for t, _ in frames] == [FrameType.WELCOME, FrameType.ACK]
+    assert Ack.decode(frames[1][1]) == Ack(5, ())

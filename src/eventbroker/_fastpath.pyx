@@ -893,6 +893,10 @@ cdef class BatchEncoder:
     def type_names(self):
         return list(self._types)
 
+    @property
+    def type_count(self):
+        return len(self._types)
+
     cdef int _grow(self, Py_ssize_t extra) except -1:
         cdef Py_ssize_t cap = self._cap
         cdef unsigned char *nb
@@ -915,8 +919,8 @@ cdef class BatchEncoder:
         if ti is None:
             if not 0 < len(type_name) <= 255:
                 raise ValueError("event type name must be 1..255 bytes")
-            if len(self._types) >= 65535:
-                raise ValueError("too many event types in one batch")
+            if len(self._types) >= MAX_TYPES_PER_BATCH:
+                raise ValueError(f"more than {MAX_TYPES_PER_BATCH} event types in one batch")
             ti = len(self._types)
             self._types.append(type_name)
             self._type_index[type_name] = ti

@@ -198,6 +198,22 @@ def cmd_tail(args: argparse.Namespace) -> int:
     return _run(_tail(args))
 
 
+# bench
+
+
+def cmd_bench(bench_args: list[str]) -> int:
+    """Run benchmarks/bench.py from the source checkout this package is installed from."""
+    bench_dir = Path(__file__).resolve().parents[2] / "benchmarks"
+    if not (bench_dir / "bench.py").exists():
+        print("eventbroker bench runs from a source checkout: git clone, then pip install -e '.[bench]'",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(bench_dir))
+    import bench
+
+    return int(bench.main(bench_args) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eventbroker", description="Event delivery gateway into per-type Kafka topics.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -229,10 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--idle-exit-ms", type=int, default=None, help="exit after this long without events")
     t.add_argument("--payload-only", action="store_true", help="print only each payload")
     t.set_defaults(func=cmd_tail)
+
+    b = sub.add_parser("bench", help="benchmarks against producing to Kafka directly (see benchmarks/README.md)",
+                       add_help=False)
+    b.set_defaults(func=lambda _args: cmd_bench(["--help"]))
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its options belong to benchmarks/bench.py
+        _setup_logging(False)
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

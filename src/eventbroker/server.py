@@ -119,7 +119,7 @@ class IngestProtocol(asyncio.Protocol):
                 f"connection ended inside a frame ({self._reader.buffered_bytes} bytes of it)",
             )
             return None
-        if self._state != _CLOSED and self._parts_owed:
+        if self._state != _CLOSED and (self._parts_owed or self._pending_acks):
             # The producer finished sending but still waits for acks: keep the
             # connection until they are written, then close it.
             self._eof = True

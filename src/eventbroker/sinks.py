@@ -1,62 +1,109 @@
 """Where drained events go: Kafka (aiokafka, acks=all) or nowhere (null sink).
 
-The Kafka sink hands aiokafka record batches that ``_fastpath`` already built
-(magic v2, CRC-32C), so aiokafka does per-batch work only: metadata, leader
-routing, the produce request and its retries. ``PrebuiltBatch`` stands in for
-aiokafka's ``BatchBuilder`` in ``send_batch``.
+The Kafka sink sends record batches that ``_fastpath`` already built (magic
+v2, CRC-32C) in produce requests it encodes itself; aiokafka's client supplies
+bootstrap, metadata, leader lookup, connections and response decoding.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Protocol
+import struct
+from collections import defaultdict
+from typing import Protocol
 
-from aiokafka import AIOKafkaProducer
+import aiokafka.errors as Errors
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.client import AIOKafkaClient
+from aiokafka.errors import (
+    IncompatibleBrokerVersion,
+    KafkaError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+)
+from aiokafka.protocol.produce import (
+    ProduceRequest_v3,
+    ProduceRequest_v4,
+    ProduceRequest_v5,
+    ProduceRequest_v6,
+    ProduceRequest_v7,
+)
+from aiokafka.structs import TopicPartition
 
 from eventbroker.config import EventType, KafkaConfig
 
 log = logging.getLogger("eventbroker.sinks")
 
 
-class PrebuiltBatch:
-    """A finished Kafka record batch in the shape aiokafka's accumulator expects.
+def _prebuilt_struct(base: type) -> type:
+    """A ProduceRequest struct of ``base``'s version whose body is already encoded."""
 
-    aiokafka (0.11-0.14) calls ``closed``, ``size``, ``record_count``,
-    ``_set_producer_state`` and ``_build`` on what ``send_batch`` is given;
-    tests/test_kafka_batches.py pins that contract against the installed
-    aiokafka.
+    def __init__(self, payload: bytes) -> None:
+        self._payload = payload
+
+    def encode(self) -> bytes:
+        return self._payload
+
+    return type(f"Prebuilt{base.__name__}", (base,), {"__init__": __init__, "encode": encode})
+
+
+# Produce v3-v7 share one request layout (v3 added transactional_id; later
+# versions only widen what the response may say).
+_PREBUILT = {cls.API_VERSION: _prebuilt_struct(cls) for cls in (
+    ProduceRequest_v3, ProduceRequest_v4, ProduceRequest_v5, ProduceRequest_v6, ProduceRequest_v7)}
+
+
+class NativeProduceRequest:
+    """A Produce request whose body ``_fastpath`` and ``encode_produce_body`` built.
+
+    It stands in for aiokafka's ``ProduceRequest`` in ``AIOKafkaClient.send``:
+    aiokafka negotiates the version (``prepare``), frames the request, matches
+    the response by correlation id and decodes it; it never re-encodes the
+    record batches (aiokafka's own encoder copies a request's bytes once per
+    nesting level, which cost more than everything else in the daemon).
+    tests/test_kafka_sink.py pins this contract against the installed aiokafka.
     """
 
-    __slots__ = ("_buffer", "_count")
+    __slots__ = ("_body",)
+    API_KEY = 0
+    required_acks = -1
 
-    def __init__(self, buffer: bytes, count: int) -> None:
-        self._buffer = buffer
-        self._count = count
+    def __init__(self, body: bytes) -> None:
+        self._body = body
 
-    def append(self, **_kw: Any) -> None:
-        return None  # always closed: nothing more fits
+    def prepare(self, versions: dict[int, tuple[int, int]]):
+        lo, hi = versions.get(0, (3, 7))
+        version = min(hi, 7)
+        if version < max(lo, 3):
+            raise IncompatibleBrokerVersion("eventbroker needs Produce v3 or newer (Kafka 0.11+)")
+        return _PREBUILT[version](self._body)
 
-    def close(self) -> None:
-        pass
 
-    def closed(self) -> bool:
-        return True
+# transactional_id length (-1: null), acks (-1: all), timeout_ms, topic count
+_REQ_HEAD = struct.Struct(">hhii")
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+_PART_HEAD = struct.Struct(">ii")  # partition, record batch length
 
-    def size(self) -> int:
-        return len(self._buffer)
 
-    def record_count(self) -> int:
-        return self._count
+def encode_produce_body(topic: bytes, parts: list[tuple[int, bytes]], timeout_ms: int) -> bytes:
+    """Produce v3+ body for one topic: acks=all, no transactional id."""
+    pieces = [_REQ_HEAD.pack(-1, -1, timeout_ms, 1), _I16.pack(len(topic)), topic, _I32.pack(len(parts))]
+    for partition, buf in parts:
+        pieces.append(_PART_HEAD.pack(partition, len(buf)))
+        pieces.append(buf)
+    return b"".join(pieces)
 
-    def _set_producer_state(self, producer_id: int, producer_epoch: int, base_sequence: int) -> None:
-        if producer_id != -1:
-            raise RuntimeError("prebuilt batches do not support idempotent or transactional producers")
 
-    def _build(self) -> bytes:
-        return self._buffer
+# Errors after which the partition leaders may have moved: refresh metadata.
+_METADATA_ERRORS = {3, 5, 6, 9, 13, 14, 15, 16, 19, 20}
+
+
+class ProduceFailed(Exception):
+    def __init__(self, topic: str, errors: dict[int, str]) -> None:
+        super().__init__(f"{topic}: " + ", ".join(f"partition {p}: {e}" for p, e in sorted(errors.items())))
+        self.errors = errors
 
 
 class Sink(Protocol):
@@ -87,30 +134,33 @@ class NullSink:
 
 
 class KafkaSink:
-    """aiokafka producer with acks=all, fed with prebuilt record batches."""
+    """acks=all produce requests built from prebuilt record batches.
+
+    aiokafka's client handles bootstrap, metadata, leader lookup, connections
+    and response decoding; the request bodies are ours, so record bytes are
+    copied once into the request and once by aiokafka's framing.
+    """
 
     builds_batches = True
 
     def __init__(self, cfg: KafkaConfig, bootstrap_servers: str) -> None:
         self._cfg = cfg
         self._bootstrap = bootstrap_servers
-        self._producer: AIOKafkaProducer | None = None
+        self._client: AIOKafkaClient | None = None
 
     async def start(self, types: dict[str, EventType]) -> None:
         cfg = self._cfg
         if cfg.create_topics and types:
             await self._create_topics(types)
-        self._producer = AIOKafkaProducer(
+        self._client = AIOKafkaClient(
             bootstrap_servers=self._bootstrap,
             client_id=cfg.client_id,
-            acks="all",
-            enable_idempotence=False,
             request_timeout_ms=cfg.request_timeout_ms,
             retry_backoff_ms=cfg.retry_backoff_ms,
-            max_request_size=max(cfg.batch_max_bytes + 65536, 1048576),
-            linger_ms=0,
         )
-        await self._producer.start()
+        await self._client.bootstrap()
+        if types:
+            await self._client.set_topics(sorted({t.topic for t in types.values()}))
 
     async def _create_topics(self, types: dict[str, EventType]) -> None:
         cfg = self._cfg
@@ -141,25 +191,64 @@ class KafkaSink:
             await admin.close()
 
     async def stop(self) -> None:
-        if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     async def partitions(self, topic: str) -> int:
-        assert self._producer is not None
-        parts = await self._producer.partitions_for(topic)
+        client = self._client
+        assert client is not None
+        parts = client.cluster.partitions_for_topic(topic)
         if not parts:
-            raise KafkaError(f"topic {topic} has no partitions")
+            await client.add_topic(topic)
+            await client.force_metadata_update()
+            parts = client.cluster.partitions_for_topic(topic)
+        if not parts:
+            raise UnknownTopicOrPartitionError(topic)
         return max(parts) + 1
 
     async def send(self, topic: str, batches: list[tuple[int, bytes, int]]) -> None:
-        """Produce the batches; returns once Kafka acknowledged all of them."""
-        producer = self._producer
-        assert producer is not None
-        futs = []
-        for partition, buf, count in batches:
-            futs.append(await producer.send_batch(PrebuiltBatch(buf, count), topic, partition=partition))
-        results = await asyncio.gather(*futs, return_exceptions=True)
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
+        """Produce the batches; returns once Kafka acknowledged all of them.
+
+        Batches that were acknowledged are removed from ``batches``, so a
+        retry after a partial failure sends only the rest.
+        """
+        client = self._client
+        assert client is not None
+        by_node: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
+        errors: dict[int, str] = {}
+        for partition, buf, _count in batches:
+            leader = client.cluster.leader_for_partition(TopicPartition(topic, partition))
+            if leader is None or leader < 0:
+                errors[partition] = "no leader known"
+                continue
+            by_node[leader].append((partition, buf))
+        topic_b = topic.encode()
+        timeout_ms = self._cfg.request_timeout_ms
+        nodes = list(by_node)
+        results = await asyncio.gather(
+            *(client.send(n, NativeProduceRequest(encode_produce_body(topic_b, by_node[n], timeout_ms)))
+              for n in nodes),
+            return_exceptions=True,
+        )
+        done: set[int] = set()
+        refresh = bool(errors)
+        for node, res in zip(nodes, results, strict=True):
+            if isinstance(res, BaseException):
+                for partition, _ in by_node[node]:
+                    errors[partition] = repr(res)
+                refresh = True
+                continue
+            for _topic, partitions in res.topics:
+                for pr in partitions:
+                    partition, code = pr[0], pr[1]
+                    if code == 0:
+                        done.add(partition)
+                    else:
+                        errors[partition] = f"{Errors.for_code(code).__name__}"
+                        refresh = refresh or code in _METADATA_ERRORS
+        batches[:] = [b for b in batches if b[0] not in done]
+        if batches:
+            if refresh:
+                client.force_metadata_update()
+            raise ProduceFailed(topic, errors or {b[0]: "no response for partition" for b in batches})

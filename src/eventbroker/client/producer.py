@@ -28,6 +28,7 @@ from eventbroker.errors import EventRejected, ProducerClosed, ServerError
 from eventbroker.protocol import (
     MAX_KEY_BYTES,
     MAX_TYPE_NAME_BYTES,
+    MAX_TYPES_PER_BATCH,
     Ack,
     ErrorCode,
     ErrorFrame,
@@ -304,7 +305,12 @@ class Producer:
     def _append(self, ev: _Pending) -> None:
         size = _EVENT_OVERHEAD + len(ev.payload) + (len(ev.key) if ev.key else 0)
         limit = self._frame_limit()
-        if self._open and (self._enc.frame_bytes + size + 256 > limit or self._enc.count >= self._max_events()):
+        enc = self._enc
+        if self._open and (
+            enc.frame_bytes + size + 256 > limit
+            or enc.count >= self._max_events()
+            or enc.type_count >= MAX_TYPES_PER_BATCH
+        ):
             self._seal()
         ti = self._enc.add(ev.type, ev.event_id, ev.timestamp_ms, ev.key, ev.payload)
         self._open.append(ev)

@@ -1,0 +1,469 @@
+"""``eventbroker bench``: the gateway against producing to Kafka directly.
+
+Every process runs separately (broker, daemon, load generator, direct
+producer) and its CPU is read from /proc for the window in which load flows,
+so the figures that travel between machines, CPU per event, can be given for
+each. Scenarios (see benchmarks/README.md):
+
+  ceiling    daemon with the null sink: receive, decode, route, ack
+  e2e        into the broker, acks=all, verified by an independent consumer
+  direct     the same events straight into the broker (librdkafka, aiokafka)
+  fanin      500 connections sending small batches, vs 500 librdkafka producers
+  isolation  one type's topic unwritable while the others flow
+  latency    fixed offered load at 25/50/75% of the e2e maximum
+
+``--quick`` (under a minute) prints one JSON line with the key figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+TYPES = ["play", "search", "client_log"]
+# A topic name Kafka refuses (UNKNOWN_TOPIC_OR_PARTITION / invalid name): the
+# type can never be written, like a topic that is missing and not creatable.
+UNWRITABLE_TOPIC = ".."
+
+
+def _need(module: str) -> None:
+    try:
+        __import__(module)
+    except ImportError:
+        sys.exit(f"eventbroker bench needs {module}: pip install -e '.[bench]'")
+
+
+class Proc:
+    """CPU seconds and peak RSS of one process, read from /proc via psutil."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.p = psutil.Process(pid)
+        self.rss_peak = 0
+
+    def cpu(self) -> float:
+        t = self.p.cpu_times()
+        return t.user + t.system
+
+    def sample_rss(self) -> None:
+        with contextlib.suppress(Exception):
+            self.rss_peak = max(self.rss_peak, self.p.memory_info().rss)
+
+
+def _wait_ready(path: Path, proc: subprocess.Popen, what: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"{what} exited with {proc.returncode} before it was ready: {err[-2000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {timeout_s}s")
+        time.sleep(0.005)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="eb-bench-"))
+        self.broker = None
+        self.broker_proc: Proc | None = None
+        self.bootstrap = args.kafka
+        self.run_id = f"b{os.getpid()}"
+        self.counter = 0
+
+    # infrastructure
+
+    def start_broker(self) -> None:
+        if self.bootstrap:
+            return
+        from eventbroker.embedded import EmbeddedKafka
+
+        self.broker = EmbeddedKafka(log_path=str(self.tmp / "tansu.log")).start()
+        self.bootstrap = self.broker.bootstrap
+        self.broker_proc = Proc(self.broker.proc.pid)
+
+    def stop(self) -> None:
+        if self.broker is not None:
+            self.broker.stop()
+
+    def prefix(self) -> str:
+        self.counter += 1
+        return f"{self.run_id}n{self.counter}"
+
+    @contextlib.contextmanager
+    def daemon(self, sink: str, topics: dict[str, str]) -> Iterator[tuple[str, Proc]]:
+        from eventbroker.embedded import free_port, wait_for_port
+
+        port = free_port()
+        conf = self.tmp / f"daemon-{port}.toml"
+        lines = [f'[kafka]\nsink = "{sink}"\nbootstrap_servers = "{self.bootstrap}"\n',
+                 'create_topics = true\ntopic_partitions = 4\n']
+        if self.args.linger_ms is not None:
+            lines.append(f"linger_ms = {self.args.linger_ms}\n")
+        for t, topic in topics.items():
+            lines.append(f'[types.{t}]\ntopic = "{topic}"\npartitioning = "spread"\n')
+        conf.write_text("".join(lines))
+        log = open(self.tmp / f"daemon-{port}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "eventbroker.cli", "serve", "--config", str(conf), "--listen", f"127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_port("127.0.0.1", port, 60, proc)
+            yield f"127.0.0.1:{port}", Proc(proc.pid)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+
+    def loadgen(self, server: str, daemon: Proc, **kw) -> dict:
+        """Run the load generator; CPU of daemon, broker and generator over its sending window."""
+        ready = self.tmp / f"ready-{time.monotonic_ns()}"
+        cmd = [sys.executable, str(HERE / "loadgen.py"), "--server", server, "--ready-file", str(ready)]
+        for k, v in kw.items():
+            if v is not None:
+                cmd += [f"--{k.replace('_', '-')}", str(v)]
+        gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _wait_ready(ready, gen, "load generator")
+        d0 = daemon.cpu()
+        b0 = self.broker_proc.cpu() if self.broker_proc else 0.0
+        while gen.poll() is None:
+            daemon.sample_rss()
+            time.sleep(0.02)
+        d1 = daemon.cpu()
+        b1 = self.broker_proc.cpu() if self.broker_proc else 0.0
+        out, err = gen.communicate()
+        if gen.returncode:
+            raise RuntimeError(f"load generator failed: {err.decode()[-2000:]}")
+        res = orjson.loads(out)
+        res["daemon_cpu_s"] = d1 - d0
+        res["broker_cpu_s"] = b1 - b0
+        res["daemon_peak_rss_mb"] = round(daemon.rss_peak / 1e6, 1)
+        return res
+
+    def direct(self, client: str, topic: str, events: int, **kw) -> dict:
+        ready = self.tmp / f"ready-{time.monotonic_ns()}"
+        cmd = [sys.executable, str(HERE / "direct.py"), client, "--bootstrap", self.bootstrap, "--topic", topic,
+               "--events", str(events), "--event-bytes", str(self.args.event_bytes), "--ready-file", str(ready)]
+        for k, v in kw.items():
+            cmd += [f"--{k.replace('_', '-')}", str(v)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _wait_ready(ready, proc, f"direct {client} producer")
+        b0 = self.broker_proc.cpu() if self.broker_proc else 0.0
+        out, err = proc.communicate()
+        b1 = self.broker_proc.cpu() if self.broker_proc else 0.0
+        if proc.returncode:
+            raise RuntimeError(f"direct {client} failed: {err.decode()[-2000:]}")
+        res = orjson.loads(out)
+        n = res["events"]
+        return {
+            "scenario": f"direct-{res['client']}",
+            "events": n,
+            "events_failed": res["failed"],
+            "seconds": round(res["seconds"], 4),
+            "events_per_s": round(n / res["seconds"]),
+            "mb_per_s": round(n * self.args.event_bytes / res["seconds"] / 1e6, 1),
+            "client_cpu_s": round(res["cpu_s"], 3),
+            "client_us_per_event": round(res["cpu_s"] / n * 1e6, 3),
+            "client_events_per_cpu_s": round(n / res["cpu_s"]),
+            "broker_us_per_event": round((b1 - b0) / n * 1e6, 3) if self.broker_proc else None,
+        }
+
+    def verify(self, topics: list[str], expected_events: int, expected_checksum: int | None) -> dict:
+        """Read every topic back with librdkafka: distinct event ids and a payload checksum."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        from eventbroker import _fastpath as fp
+
+        ids: set[bytes] = set()
+        checksum = 0
+        records = 0
+        for topic in topics:
+            c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"verify-{self.prefix()}",
+                          "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+            md = c.list_topics(topic, timeout=10)
+            c.assign([TopicPartition(topic, p, 0) for p in md.topics[topic].partitions])
+            idle_since = time.monotonic()
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                msgs = c.consume(num_messages=50_000, timeout=0.2)
+                if not msgs:
+                    if time.monotonic() - idle_since > (2.0 if len(ids) >= expected_events else 10.0):
+                        break
+                    continue
+                idle_since = time.monotonic()
+                for m in msgs:
+                    if m.error():
+                        continue
+                    records += 1
+                    eid = dict(m.headers())["eb.id"]
+                    if eid not in ids:
+                        ids.add(eid)
+                        checksum += fp.crc32c(m.value())
+            c.close()
+        out = {"records_read": records, "events_verified": len(ids), "duplicates": records - len(ids),
+               "events_lost": max(0, expected_events - len(ids))}
+        if expected_checksum is not None:
+            out["checksum_ok"] = checksum == expected_checksum
+        return out
+
+    # scenarios
+
+    def _gateway_figures(self, scenario: str, res: dict) -> dict:
+        n = res["events_acked"]
+        a = self.args
+        d = res["daemon_cpu_s"]
+        return {
+            "scenario": scenario,
+            "events": n,
+            "seconds": res["seconds"],
+            "events_per_s": res["events_per_s"],
+            "mb_per_s": round(n * a.event_bytes / res["seconds"] / 1e6, 1),
+            "daemon_cpu_s": round(d, 3),
+            "daemon_us_per_event": round(d / n * 1e6, 3) if n else None,
+            "daemon_events_per_cpu_s": round(n / d) if d else None,
+            "broker_us_per_event": round(res["broker_cpu_s"] / n * 1e6, 3) if self.broker_proc and n else None,
+            "loadgen_us_per_event": round(res["loadgen_cpu_s"] / n * 1e6, 3) if n else None,
+            "daemon_peak_rss_mb": res["daemon_peak_rss_mb"],
+            "ack_latency_ms": res["ack_latency_ms"],
+            "retry_later_batches": res["retry_later_batches"],
+        }
+
+    def ceiling(self, events: int) -> dict:
+        pre = self.prefix()
+        with self.daemon("null", {t: f"{pre}.{t}" for t in TYPES}) as (server, dp):
+            res = self.loadgen(server, dp, events=events, connections=self.args.connections,
+                               batch_events=self.args.batch_events, event_bytes=self.args.event_bytes)
+        return self._gateway_figures("ceiling", res)
+
+    def e2e(self, events: int, verify: bool = True) -> dict:
+        pre = self.prefix()
+        topics = {t: f"{pre}.{t}" for t in TYPES}
+        with self.daemon("kafka", topics) as (server, dp):
+            res = self.loadgen(server, dp, events=events, connections=self.args.connections,
+                               batch_events=self.args.batch_events, event_bytes=self.args.event_bytes)
+        out = self._gateway_figures("e2e", res)
+        if verify:
+            out.update(self.verify(list(topics.values()), res["events_acked"], res["payload_checksum"]))
+            out["events_lost"] = max(0, res["events_acked"] - out["events_verified"])
+        return out
+
+    def fanin(self, events: int, connections: int, batch_events: int) -> list[dict]:
+        pre = self.prefix()
+        topics = {t: f"{pre}.{t}" for t in TYPES}
+        with self.daemon("kafka", topics) as (server, dp):
+            res = self.loadgen(server, dp, events=events, connections=connections, batch_events=batch_events,
+                               event_bytes=self.args.event_bytes, window=1)
+        gw = self._gateway_figures("fanin-gateway", res)
+        gw["connections"] = connections
+        gw["batch_events"] = batch_events
+        direct = self.direct("librdkafka", f"{pre}.direct", events, producers=connections, batch_events=batch_events)
+        direct["scenario"] = "fanin-direct-librdkafka"
+        direct["producers"] = connections
+        direct["batch_events"] = batch_events
+        return [gw, direct]
+
+    def isolation(self, seconds: float) -> dict:
+        rates = {}
+        for phase, broken in (("normal", False), ("one_type_blocked", True)):
+            pre = self.prefix()
+            topics = {t: f"{pre}.{t}" for t in TYPES}
+            if broken:
+                topics["client_log"] = UNWRITABLE_TOPIC
+            with self.daemon("kafka", topics) as (server, dp):
+                res = self.loadgen(server, dp, duration=seconds, connections=self.args.connections,
+                                   batch_events=self.args.batch_events, event_bytes=self.args.event_bytes,
+                                   events=200_000, drain_timeout=2)
+            others = res["acked_by_type"].get("play", 0) + res["acked_by_type"].get("search", 0)
+            rates[phase] = {"others_events_per_s": round(others / res["seconds"]),
+                            "blocked_type_events": res["acked_by_type"].get("client_log", 0),
+                            "retry_later_batches": res["retry_later_batches"]}
+        ratio = rates["one_type_blocked"]["others_events_per_s"] / max(1, rates["normal"]["others_events_per_s"])
+        return {"scenario": "isolation", "seconds": seconds, **rates, "others_ratio": round(ratio, 3)}
+
+    def latency(self, max_rate: float, seconds: float, fractions=(0.25, 0.5, 0.75)) -> list[dict]:
+        out = []
+        pre = self.prefix()
+        with self.daemon("kafka", {t: f"{pre}.{t}" for t in TYPES}) as (server, dp):
+            # Warm up (connections, metadata, first batches) before measuring.
+            self.loadgen(server, dp, duration=1.0, rate=max_rate * 0.1, connections=self.args.connections,
+                         batch_events=50, event_bytes=self.args.event_bytes, window=64, events=20_000)
+            for f in fractions:
+                rate = max_rate * f
+                batch = max(10, min(self.args.batch_events, int(rate / 1000)))  # about a batch per ms
+                res = self.loadgen(server, dp, duration=seconds, rate=rate, connections=self.args.connections,
+                                   batch_events=batch, event_bytes=self.args.event_bytes, window=64,
+                                   events=max(batch * self.args.connections * 50, 100_000))
+                fig = self._gateway_figures(f"latency-{int(f * 100)}%", res)
+                fig["offered_events_per_s"] = round(rate)
+                fig["batch_events"] = batch
+                out.append(fig)
+        return out
+
+
+def machine_info() -> dict:
+    import subprocess as sp
+
+    try:
+        commit = sp.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {"date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
+            "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return contextlib.nullcontext(None)
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False)
+
+
+def run_quick(b: Bench) -> dict:
+    a = b.args
+    n = a.events or 300_000
+    ceiling = b.ceiling(n)
+    e2e = b.e2e(n)
+    direct = b.direct("librdkafka", f"{b.prefix()}.direct", n)
+    lat = b.latency(e2e["events_per_s"], 3.0, fractions=(0.5,))[0]
+    return {
+        "e2e_daemon_events_per_cpu_s": e2e["daemon_events_per_cpu_s"],
+        "e2e_daemon_us_per_event": e2e["daemon_us_per_event"],
+        "ceiling_daemon_events_per_cpu_s": ceiling["daemon_events_per_cpu_s"],
+        "ceiling_daemon_us_per_event": ceiling["daemon_us_per_event"],
+        "direct_librdkafka_events_per_cpu_s": direct["client_events_per_cpu_s"],
+        "direct_librdkafka_us_per_event": direct["client_us_per_event"],
+        "ratio_e2e_daemon_vs_direct_client_cpu_per_event": round(
+            e2e["daemon_us_per_event"] / direct["client_us_per_event"], 3),
+        "e2e_events_per_s": e2e["events_per_s"],
+        "direct_librdkafka_events_per_s": direct["events_per_s"],
+        "p99_ack_latency_ms_at_50pct": lat["ack_latency_ms"]["p99"],
+        "events_lost": e2e["events_lost"],
+        "events": n,
+    }
+
+
+def run_full(b: Bench) -> dict:
+    a = b.args
+    n = a.events or 1_000_000
+    runs: list[dict] = []
+    steps = 2 + 3 * a.rounds + (2 if "fanin" in a.scenarios else 0) + 2 + 3
+    with _progress(steps, "bench") as bar:
+        def tick(what: str) -> None:
+            if bar is not None:
+                bar.set_postfix_str(what)
+                bar.update(1)
+
+        if "ceiling" in a.scenarios:
+            runs.append(b.ceiling(n))
+            tick("ceiling")
+        for r in range(a.rounds):  # alternate, so a noisy machine hits all alike
+            if "e2e" in a.scenarios:
+                runs.append({**b.e2e(n), "round": r})
+                tick(f"e2e {r}")
+            if "direct" in a.scenarios:
+                runs.append({**b.direct("librdkafka", f"{b.prefix()}.direct", n), "round": r})
+                tick(f"direct librdkafka {r}")
+                runs.append({**b.direct("aiokafka", f"{b.prefix()}.direct", n), "round": r})
+                tick(f"direct aiokafka {r}")
+        if "fanin" in a.scenarios:
+            runs.extend(b.fanin(min(n, 500_000), a.fanin_connections, a.fanin_batch_events))
+            tick("fanin")
+        if "isolation" in a.scenarios:
+            runs.append(b.isolation(a.seconds))
+            tick("isolation")
+        if "latency" in a.scenarios:
+            e2e_rates = [x["events_per_s"] for x in runs if x["scenario"] == "e2e"]
+            max_rate = statistics.median(e2e_rates) if e2e_rates else b.e2e(n, verify=False)["events_per_s"]
+            runs.extend(b.latency(max_rate, a.seconds))
+            tick("latency")
+    return {"machine": machine_info(), "settings": {"events": n, "event_bytes": a.event_bytes,
+            "connections": a.connections, "batch_events": a.batch_events, "rounds": a.rounds},
+            "runs": runs, "summary": summarize(runs)}
+
+
+def summarize(runs: list[dict]) -> dict:
+    def med(scenario: str, key: str):
+        vals = [r[key] for r in runs if r.get("scenario") == scenario and r.get(key) is not None]
+        return statistics.median(vals) if vals else None
+
+    s = {
+        "e2e_daemon_us_per_event": med("e2e", "daemon_us_per_event"),
+        "ceiling_daemon_us_per_event": med("ceiling", "daemon_us_per_event"),
+        "direct_librdkafka_client_us_per_event": med("direct-librdkafka", "client_us_per_event"),
+        "direct_aiokafka_client_us_per_event": med("direct-aiokafka-batch", "client_us_per_event"),
+        "e2e_events_per_s": med("e2e", "events_per_s"),
+        "direct_librdkafka_events_per_s": med("direct-librdkafka", "events_per_s"),
+        "direct_aiokafka_events_per_s": med("direct-aiokafka-batch", "events_per_s"),
+        "events_lost": sum(r.get("events_lost", 0) for r in runs),
+    }
+    if s["e2e_daemon_us_per_event"] and s["direct_librdkafka_client_us_per_event"]:
+        s["ratio_e2e_daemon_vs_librdkafka_cpu"] = round(
+            s["e2e_daemon_us_per_event"] / s["direct_librdkafka_client_us_per_event"], 3)
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="eventbroker bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="under a minute: one JSON line of key figures")
+    ap.add_argument("--scenarios", default="ceiling,e2e,direct,fanin,isolation,latency")
+    ap.add_argument("--events", type=int, help="events per run (default 1,000,000; --quick 300,000)")
+    ap.add_argument("--event-bytes", type=int, default=200)
+    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--batch-events", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=3, help="e2e/direct alternations")
+    ap.add_argument("--seconds", type=float, default=8.0, help="length of timed runs (isolation, latency)")
+    ap.add_argument("--fanin-connections", type=int, default=500)
+    ap.add_argument("--fanin-batch-events", type=int, default=20)
+    ap.add_argument("--kafka", help="use this Kafka cluster instead of starting Tansu")
+    ap.add_argument("--linger-ms", type=int, help="the daemon's [kafka] linger_ms (default: its default)")
+    ap.add_argument("--output", help="write the full results JSON here (default benchmarks/results/)")
+    args = ap.parse_args(argv)
+    args.scenarios = set(args.scenarios.split(","))
+    for m in ("psutil", "confluent_kafka"):
+        _need(m)
+    b = Bench(args)
+    try:
+        b.start_broker()
+        if args.quick:
+            print(orjson.dumps(run_quick(b)).decode())
+            return 0
+        result = run_full(b)
+    finally:
+        b.stop()
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.output) if args.output else RESULTS / "latest.json"
+    out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    print(orjson.dumps(result["summary"]).decode())
+    print(f"full results: {out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

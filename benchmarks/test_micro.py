@@ -1,0 +1,139 @@
+"""Microbenchmarks of the native hot path (pytest-benchmark).
+
+    .venv/bin/python -m pytest benchmarks/test_micro.py --benchmark-only
+
+Each benchmark processes one batch frame of N events; ``extra_info`` records
+ns per event, which is the figure to compare across payload sizes and
+machines. There is no pure-Python twin of the fast path to compare against.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from eventbroker import _fastpath as fp
+from eventbroker.protocol import Ack, AckEntry, encode_ack_body
+
+SIZES = [16, 200, 1024, 16 * 1024]
+MAX_FRAME = 64 * 1024 * 1024
+
+
+def _events_for(size: int) -> int:
+    return max(16, min(2000, (512 * 1024) // (size + 32)))
+
+
+def _frame(n: int, size: int, types=(b"play", b"search", b"client_log"), key: bytes | None = None) -> bytes:
+    enc = fp.BatchEncoder()
+    payload = b"x" * size
+    for i in range(n):
+        enc.add(types[i % len(types)], struct.pack(">QQ", 1, i + 1), 1_700_000_000_000 + i, key, payload)
+    return enc.finish(1)
+
+
+def _router(ring_bytes: int = 1 << 30):
+    router = fp.Router(max_events_per_batch=1_000_000, max_event_bytes=1 << 20)
+    rings = []
+    for name in ("play", "search", "client_log"):
+        ring = fp.TypeRing(name, capacity_bytes=ring_bytes, max_event_bytes=1 << 20, by_key=False)
+        router.add(ring)
+        rings.append(ring)
+    return router, rings
+
+
+def _per_event(benchmark, n: int) -> None:
+    benchmark.extra_info["events_per_round"] = n
+    if benchmark.stats is not None:
+        benchmark.extra_info["ns_per_event"] = round(benchmark.stats.stats.median / n * 1e9, 1)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_frame_split_and_checksum(benchmark, size):
+    """FrameReader: split one batch frame out of the stream and verify its CRC-32C."""
+    n = _events_for(size)
+    frame = _frame(n, size)
+    reader = fp.FrameReader(MAX_FRAME)
+
+    def run():
+        reader.feed(frame)
+        assert reader.next_frame() == fp.FRAME_EVENT_BATCH
+        assert reader.next_frame() == -1
+
+    benchmark(run)
+    _per_event(benchmark, n)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_decode_route_into_rings(benchmark, size):
+    """Router.ingest: check every event, split by type, write Kafka record tails into the rings."""
+    n = _events_for(size)
+    frame = _frame(n, size)
+    reader = fp.FrameReader(MAX_FRAME)
+    router, rings = _router()
+
+    def run():
+        reader.feed(frame)
+        reader.next_frame()
+        router.ingest(reader, 1_700_000_000_000)
+        reader.next_frame()
+        for ring in rings:  # drain without building, so memory stays flat
+            r = ring.skip_unit(1 << 30)
+            if r is not None:
+                ring.release(r[1], r[2], r[3])
+
+    benchmark(run)
+    _per_event(benchmark, n)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_kafka_record_batch_build(benchmark, size):
+    """TypeRing.build_unit: Kafka v2 record batches (4 partitions, CRC-32C) from ring entries."""
+    n = _events_for(size)
+    frame = _frame(n, size, types=(b"play",))
+    reader = fp.FrameReader(MAX_FRAME)
+    router, rings = _router()
+    ring = rings[0]
+
+    def setup():
+        reader.feed(frame)
+        reader.next_frame()
+        router.ingest(reader, 1_700_000_000_000)
+        reader.next_frame()
+        return (), {}
+
+    def run():
+        batches, n_events, n_bytes, end_seq, end_off = ring.build_unit(1 << 30, 4, 1)
+        ring.release(n_bytes, end_seq, end_off)
+
+    benchmark.pedantic(run, setup=setup, rounds=200, warmup_rounds=5)
+    _per_event(benchmark, n)
+
+
+def test_ack_encode(benchmark):
+    """One ACK frame answering a three-type batch (per batch, not per event)."""
+    entries = tuple(AckEntry(i, 0, 0, 700) for i in range(3))
+
+    def run():
+        return fp.encode_frame(4, encode_ack_body(12345, entries))
+
+    frame = benchmark(run)
+    assert Ack.decode(frame[12:]).batch_seq == 12345
+
+
+@pytest.mark.parametrize("size", [200])
+def test_sdk_batch_encode(benchmark, size):
+    """BatchEncoder, as the SDK uses it: add N events, finish the frame."""
+    n = 2000
+    payload = b"x" * size
+    ids = [struct.pack(">QQ", 1, i + 1) for i in range(n)]
+
+    def run():
+        enc = fp.BatchEncoder()
+        add = enc.add
+        for i in range(n):
+            add(b"play", ids[i], 1_700_000_000_000, None, payload)
+        return enc.finish(1)
+
+    benchmark(run)
+    _per_event(benchmark, n)
