@@ -8,6 +8,7 @@ each. Scenarios (see benchmarks/README.md):
   ceiling    daemon with the null sink: receive, decode, route, ack
   e2e        into the broker, acks=all, verified by an independent consumer
   direct     the same events straight into the broker (librdkafka, aiokafka)
+  sdk        e2e through the producer SDK, one send() per event
   fanin      500 connections sending small batches, vs 500 librdkafka producers
   isolation  one type's topic unwritable while the others flow
   latency    fixed offered load at 25/50/75% of the e2e maximum
@@ -76,6 +77,32 @@ def _wait_ready(path: Path, proc: subprocess.Popen, what: str, timeout_s: float 
         time.sleep(0.005)
 
 
+def _merge_loadgen(outs: list[dict]) -> dict:
+    """Combine the generators' reports; latency percentiles are the worst process's."""
+    if len(outs) == 1:
+        return outs[0]
+    acked_by_type: dict[str, int] = {}
+    for o in outs:
+        for t, n in o["acked_by_type"].items():
+            acked_by_type[t] = acked_by_type.get(t, 0) + n
+    seconds = max(o["seconds"] for o in outs)
+    acked = sum(o["events_acked"] for o in outs)
+    checksums = [o["payload_checksum"] for o in outs]
+    lat = {k: max((o["ack_latency_ms"][k] or 0) for o in outs) or None for k in ("p50", "p99", "p999")}
+    return {
+        "events_acked": acked,
+        "acked_by_type": acked_by_type,
+        "payload_checksum": None if None in checksums else sum(checksums),
+        "events_rejected": sum(o["events_rejected"] for o in outs),
+        "retry_later_batches": sum(o["retry_later_batches"] for o in outs),
+        "seconds": seconds,
+        "events_per_s": round(acked / seconds),
+        "loadgen_cpu_s": sum(o["loadgen_cpu_s"] for o in outs),
+        "ack_latency_ms": lat,
+        "processes": len(outs),
+    }
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -106,13 +133,13 @@ class Bench:
         return f"{self.run_id}n{self.counter}"
 
     @contextlib.contextmanager
-    def daemon(self, sink: str, topics: dict[str, str]) -> Iterator[tuple[str, Proc]]:
+    def daemon(self, sink: str, topics: dict[str, str], create_topics: bool = True) -> Iterator[tuple[str, Proc]]:
         from eventbroker.embedded import free_port, wait_for_port
 
         port = free_port()
         conf = self.tmp / f"daemon-{port}.toml"
         lines = [f'[kafka]\nsink = "{sink}"\nbootstrap_servers = "{self.bootstrap}"\n',
-                 'create_topics = true\ntopic_partitions = 4\n']
+                 f'create_topics = {str(create_topics).lower()}\ntopic_partitions = 4\n']
         if self.args.linger_ms is not None:
             lines.append(f"linger_ms = {self.args.linger_ms}\n")
         for t, topic in topics.items():
@@ -134,26 +161,40 @@ class Bench:
                 proc.kill()
             log.close()
 
-    def loadgen(self, server: str, daemon: Proc, **kw) -> dict:
-        """Run the load generator; CPU of daemon, broker and generator over its sending window."""
-        ready = self.tmp / f"ready-{time.monotonic_ns()}"
-        cmd = [sys.executable, str(HERE / "loadgen.py"), "--server", server, "--ready-file", str(ready)]
-        for k, v in kw.items():
-            if v is not None:
-                cmd += [f"--{k.replace('_', '-')}", str(v)]
-        gen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        _wait_ready(ready, gen, "load generator")
+    def loadgen(self, server: str, daemon: Proc, procs: int | None = None, **kw) -> dict:
+        """Run the load generator (``procs`` processes sharing the connections and
+        events); CPU of daemon, broker and generators over the sending window."""
+        procs = max(1, min(procs or self.args.procs, kw.get("connections", 1)))
+        gens = []
+        for i in range(procs):
+            ready = self.tmp / f"ready-{time.monotonic_ns()}-{i}"
+            part = dict(kw)
+            part["connections"] = kw.get("connections", 1) // procs + (1 if i < kw.get("connections", 1) % procs else 0)
+            if part.get("events"):
+                part["events"] = kw["events"] // procs
+            if part.get("rate"):
+                part["rate"] = kw["rate"] / procs
+            cmd = [sys.executable, str(HERE / "loadgen.py"), "--server", server, "--ready-file", str(ready)]
+            for k, v in part.items():
+                if v is not None:
+                    cmd += [f"--{k.replace('_', '-')}", str(v)]
+            gens.append((ready, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)))
+        for ready, gen in gens:
+            _wait_ready(ready, gen, "load generator")
         d0 = daemon.cpu()
         b0 = self.broker_proc.cpu() if self.broker_proc else 0.0
-        while gen.poll() is None:
+        while any(g.poll() is None for _, g in gens):
             daemon.sample_rss()
             time.sleep(0.02)
         d1 = daemon.cpu()
         b1 = self.broker_proc.cpu() if self.broker_proc else 0.0
-        out, err = gen.communicate()
-        if gen.returncode:
-            raise RuntimeError(f"load generator failed: {err.decode()[-2000:]}")
-        res = orjson.loads(out)
+        outs = []
+        for _, gen in gens:
+            out, err = gen.communicate()
+            if gen.returncode:
+                raise RuntimeError(f"load generator failed: {err.decode()[-2000:]}")
+            outs.append(orjson.loads(out))
+        res = _merge_loadgen(outs)
         res["daemon_cpu_s"] = d1 - d0
         res["broker_cpu_s"] = b1 - b0
         res["daemon_peak_rss_mb"] = round(daemon.rss_peak / 1e6, 1)
@@ -187,7 +228,7 @@ class Bench:
             "broker_us_per_event": round((b1 - b0) / n * 1e6, 3) if self.broker_proc else None,
         }
 
-    def verify(self, topics: list[str], expected_events: int, expected_checksum: int | None) -> dict:
+    def verify(self, topics: dict[str, int], expected_events: int, expected_checksum: int | None) -> dict:
         """Read every topic back with librdkafka: distinct event ids and a payload checksum."""
         from confluent_kafka import Consumer, TopicPartition
 
@@ -196,7 +237,8 @@ class Bench:
         ids: set[bytes] = set()
         checksum = 0
         records = 0
-        for topic in topics:
+        for topic, topic_expected in topics.items():
+            start_ids = len(ids)
             c = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"verify-{self.prefix()}",
                           "enable.auto.commit": False, "auto.offset.reset": "earliest"})
             md = c.list_topics(topic, timeout=10)
@@ -206,7 +248,8 @@ class Bench:
             while time.monotonic() < deadline:
                 msgs = c.consume(num_messages=50_000, timeout=0.2)
                 if not msgs:
-                    if time.monotonic() - idle_since > (2.0 if len(ids) >= expected_events else 10.0):
+                    have = len(ids) - start_ids
+                    if time.monotonic() - idle_since > (1.0 if have >= topic_expected else 10.0):
                         break
                     continue
                 idle_since = time.monotonic()
@@ -262,8 +305,22 @@ class Bench:
                                batch_events=self.args.batch_events, event_bytes=self.args.event_bytes)
         out = self._gateway_figures("e2e", res)
         if verify:
-            out.update(self.verify(list(topics.values()), res["events_acked"], res["payload_checksum"]))
+            expected = {topics[t]: res["acked_by_type"].get(t, 0) for t in TYPES}
+            out.update(self.verify(expected, res["events_acked"], res["payload_checksum"]))
             out["events_lost"] = max(0, res["events_acked"] - out["events_verified"])
+        return out
+
+    def sdk(self, events: int) -> dict:
+        """e2e through the producer SDK (send() per event) instead of raw frames."""
+        pre = self.prefix()
+        topics = {t: f"{pre}.{t}" for t in TYPES}
+        with self.daemon("kafka", topics) as (server, dp):
+            res = self.loadgen(server, dp, events=events, connections=self.args.connections,
+                               batch_events=self.args.batch_events, event_bytes=self.args.event_bytes, client="sdk")
+        out = self._gateway_figures("e2e-sdk", res)
+        expected = {topics[t]: res["acked_by_type"].get(t, 0) for t in TYPES}
+        out.update(self.verify(expected, res["events_acked"], None))
+        out["events_lost"] = max(0, res["events_acked"] - out["events_verified"])
         return out
 
     def fanin(self, events: int, connections: int, batch_events: int) -> list[dict]:
@@ -288,7 +345,8 @@ class Bench:
             topics = {t: f"{pre}.{t}" for t in TYPES}
             if broken:
                 topics["client_log"] = UNWRITABLE_TOPIC
-            with self.daemon("kafka", topics) as (server, dp):
+            # No topic creation: the broker's auto-creation refuses the bad name.
+            with self.daemon("kafka", topics, create_topics=not broken) as (server, dp):
                 res = self.loadgen(server, dp, duration=seconds, connections=self.args.connections,
                                    batch_events=self.args.batch_events, event_bytes=self.args.event_bytes,
                                    events=200_000, drain_timeout=2)
@@ -299,13 +357,17 @@ class Bench:
         ratio = rates["one_type_blocked"]["others_events_per_s"] / max(1, rates["normal"]["others_events_per_s"])
         return {"scenario": "isolation", "seconds": seconds, **rates, "others_ratio": round(ratio, 3)}
 
-    def latency(self, max_rate: float, seconds: float, fractions=(0.25, 0.5, 0.75)) -> list[dict]:
+    def latency(self, seconds: float, fractions=(0.25, 0.5, 0.75)) -> list[dict]:
+        """Ack latency at fixed fractions of the sustained maximum, measured first on the same daemon."""
         out = []
         pre = self.prefix()
         with self.daemon("kafka", {t: f"{pre}.{t}" for t in TYPES}) as (server, dp):
-            # Warm up (connections, metadata, first batches) before measuring.
-            self.loadgen(server, dp, duration=1.0, rate=max_rate * 0.1, connections=self.args.connections,
-                         batch_events=50, event_bytes=self.args.event_bytes, window=64, events=20_000)
+            peak = self.loadgen(server, dp, duration=seconds, connections=self.args.connections,
+                                batch_events=self.args.batch_events, event_bytes=self.args.event_bytes,
+                                events=200_000, drain_timeout=5)
+            max_rate = peak["events_per_s"]
+            sustained = self._gateway_figures("sustained-max", peak)
+            out.append(sustained)
             for f in fractions:
                 rate = max_rate * f
                 batch = max(10, min(self.args.batch_events, int(rate / 1000)))  # about a batch per ms
@@ -350,7 +412,7 @@ def run_quick(b: Bench) -> dict:
     ceiling = b.ceiling(n)
     e2e = b.e2e(n)
     direct = b.direct("librdkafka", f"{b.prefix()}.direct", n)
-    lat = b.latency(e2e["events_per_s"], 3.0, fractions=(0.5,))[0]
+    lat = b.latency(3.0, fractions=(0.5,))[1]
     return {
         "e2e_daemon_events_per_cpu_s": e2e["daemon_events_per_cpu_s"],
         "e2e_daemon_us_per_event": e2e["daemon_us_per_event"],
@@ -372,7 +434,7 @@ def run_full(b: Bench) -> dict:
     a = b.args
     n = a.events or 1_000_000
     runs: list[dict] = []
-    steps = 2 + 3 * a.rounds + (2 if "fanin" in a.scenarios else 0) + 2 + 3
+    steps = sum(1 for x in ("ceiling", "sdk", "fanin", "isolation", "latency") if x in a.scenarios) + 3 * a.rounds
     with _progress(steps, "bench") as bar:
         def tick(what: str) -> None:
             if bar is not None:
@@ -391,6 +453,9 @@ def run_full(b: Bench) -> dict:
                 tick(f"direct librdkafka {r}")
                 runs.append({**b.direct("aiokafka", f"{b.prefix()}.direct", n), "round": r})
                 tick(f"direct aiokafka {r}")
+        if "sdk" in a.scenarios:
+            runs.append(b.sdk(min(n, 300_000)))
+            tick("sdk")
         if "fanin" in a.scenarios:
             runs.extend(b.fanin(min(n, 500_000), a.fanin_connections, a.fanin_batch_events))
             tick("fanin")
@@ -398,9 +463,7 @@ def run_full(b: Bench) -> dict:
             runs.append(b.isolation(a.seconds))
             tick("isolation")
         if "latency" in a.scenarios:
-            e2e_rates = [x["events_per_s"] for x in runs if x["scenario"] == "e2e"]
-            max_rate = statistics.median(e2e_rates) if e2e_rates else b.e2e(n, verify=False)["events_per_s"]
-            runs.extend(b.latency(max_rate, a.seconds))
+            runs.extend(b.latency(a.seconds))
             tick("latency")
     return {"machine": machine_info(), "settings": {"events": n, "event_bytes": a.event_bytes,
             "connections": a.connections, "batch_events": a.batch_events, "rounds": a.rounds},
@@ -432,11 +495,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="eventbroker bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="under a minute: one JSON line of key figures")
-    ap.add_argument("--scenarios", default="ceiling,e2e,direct,fanin,isolation,latency")
+    ap.add_argument("--scenarios", default="ceiling,e2e,direct,sdk,fanin,isolation,latency")
     ap.add_argument("--events", type=int, help="events per run (default 1,000,000; --quick 300,000)")
     ap.add_argument("--event-bytes", type=int, default=200)
     ap.add_argument("--connections", type=int, default=4)
     ap.add_argument("--batch-events", type=int, default=2000)
+    ap.add_argument("--procs", type=int, default=1, help="load generator processes (they share the connections)")
     ap.add_argument("--rounds", type=int, default=3, help="e2e/direct alternations")
     ap.add_argument("--seconds", type=float, default=8.0, help="length of timed runs (isolation, latency)")
     ap.add_argument("--fanin-connections", type=int, default=500)

@@ -170,3 +170,13 @@ def test_missing_config_file_is_named(tmp_path):
     r = subprocess.run([*EB, "serve", "--config", str(missing)], capture_output=True, timeout=60)
     assert r.returncode == 2 and str(missing) in r.stderr.decode()
 
+
+
+def test_produce_gives_up_when_no_gateway_listens():
+    port = free_port()  # nothing listens here
+    r = subprocess.run(
+        [*EB, "produce", "--type", "play", "--server", f"127.0.0.1:{port}", "--connect-timeout", "1"],
+        input=b'{"a":1}\n', capture_output=True, timeout=60,
+    )
+    assert r.returncode == 1
+    assert f"cannot connect to 127.0.0.1:{port}" in r.stderr.decode()

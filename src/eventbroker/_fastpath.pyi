@@ -29,6 +29,7 @@ REASON_TOO_LARGE: int
 REASON_DISABLED: int
 REASON_INVALID: int
 REASON_OVERLOADED: int
+REASON_KAFKA_UNAVAILABLE: int
 HEADER_EVENT_ID: bytes
 HEADER_EVENT_TYPE: bytes
 HEADER_TIMESTAMP: bytes
@@ -59,6 +60,7 @@ class TypeRing:
     name: str
     name_bytes: bytes
     enabled: bool
+    accepting: bool
     by_key: bool
     max_event_bytes: int
     capacity_bytes: int
@@ -83,6 +85,7 @@ class TypeRing:
         self, max_bytes: int, n_partitions: int, sticky_partition: int
     ) -> tuple[list[KafkaBatch], int, int, int, int] | None: ...
     def skip_unit(self, max_bytes: int) -> tuple[int, int, int, int] | None: ...
+    def discard_all(self) -> None: ...
     def release(self, n_bytes: int, end_seq: int, end_off: int) -> None: ...
 
 # (type_index, status, reason, count, indices or None, ring or None)

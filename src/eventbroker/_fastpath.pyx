@@ -91,6 +91,7 @@ cdef enum:
     C_REASON_DISABLED = 3
     C_REASON_INVALID = 4
     C_REASON_OVERLOADED = 16
+    C_REASON_KAFKA_UNAVAILABLE = 17
 
 FRAME_HELLO = C_FRAME_HELLO
 FRAME_WELCOME = C_FRAME_WELCOME
@@ -117,6 +118,7 @@ REASON_TOO_LARGE = C_REASON_TOO_LARGE
 REASON_DISABLED = C_REASON_DISABLED
 REASON_INVALID = C_REASON_INVALID
 REASON_OVERLOADED = C_REASON_OVERLOADED
+REASON_KAFKA_UNAVAILABLE = C_REASON_KAFKA_UNAVAILABLE
 
 # Record header names written with every Kafka record.
 HEADER_EVENT_ID = b"eb.id"
@@ -392,6 +394,7 @@ cdef class TypeRing:
     cdef readonly str name
     cdef readonly bytes name_bytes
     cdef public bint enabled
+    cdef public bint accepting   # False while the type cannot be delivered
     cdef public bint by_key
     cdef public Py_ssize_t max_event_bytes
     cdef public Py_ssize_t capacity_bytes
@@ -416,6 +419,7 @@ cdef class TypeRing:
         self.name = name
         self.name_bytes = nb
         self.enabled = enabled
+        self.accepting = True
         self.by_key = by_key
         self.max_event_bytes = max_event_bytes
         self.capacity_bytes = capacity_bytes
@@ -658,6 +662,19 @@ cdef class TypeRing:
         self.pending_bytes -= n_bytes
         return n_events, n_bytes, (<_Chunk>self._chunks[idx]).seq, off
 
+    def discard_all(self):
+        """Drop every entry, waiting or in flight (the lane answered them retry-later)."""
+        cdef _Chunk c
+        if self._chunks:
+            c = <_Chunk>self._chunks[len(self._chunks) - 1]
+            c.used = 0
+            self._chunks = [c]
+        self._read_idx = 0
+        self._read_off = 0
+        self.used_bytes = 0
+        self.pending_bytes = 0
+        self.pending_events = 0
+
     def release(self, Py_ssize_t n_bytes, long long end_seq, Py_ssize_t end_off):
         """Free a unit's bytes once it is done; units are released in order."""
         cdef Py_ssize_t drop = 0
@@ -820,6 +837,9 @@ cdef class Router:
                     for reason, idx_list in rejected_lists[i].items():
                         results.append((i, C_STATUS_REJECTED, reason, len(idx_list), idx_list, None))
                 if acc[i].n_ok == 0:
+                    continue
+                if not ring.accepting:
+                    results.append((i, C_STATUS_RETRY_LATER, C_REASON_KAFKA_UNAVAILABLE, acc[i].n_ok, None, None))
                     continue
                 # An empty ring always takes one part, so any valid batch makes
                 # progress; the bound is capacity plus one frame's worth.

@@ -76,6 +76,11 @@ async def _produce(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     stdin = sys.stdin.buffer
     async with Producer(args.server, client_id=args.client_id, linger_ms=args.linger_ms) as producer:
+        try:
+            await producer.wait_connected(args.connect_timeout)
+        except (ConnectionError, EventBrokerError) as e:
+            print(f"eventbroker: {e}", file=sys.stderr)
+            return 1
         lineno = 0
         while True:
             line = await loop.run_in_executor(None, stdin.readline) if args.nonblocking_stdin else stdin.readline()
@@ -232,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--key-field", help="use this JSON field of each line as the partition key")
     pr.add_argument("--client-id", default=None)
     pr.add_argument("--linger-ms", type=float, default=5.0)
+    pr.add_argument("--connect-timeout", type=float, default=10.0, help="give up if no connection within (s)")
     pr.add_argument("--json", action="store_true", help="print the summary as JSON")
     pr.add_argument("--nonblocking-stdin", action="store_true", help="read stdin in a thread (interactive use)")
     pr.set_defaults(func=cmd_produce)

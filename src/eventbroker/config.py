@@ -57,6 +57,9 @@ class KafkaConfig(_Base, frozen=True):
     request_timeout_ms: Annotated[int, Meta(ge=100)] = 30_000
     retry_backoff_ms: Annotated[int, Meta(ge=1)] = 100
     retry_backoff_max_ms: Annotated[int, Meta(ge=1)] = 5_000
+    # A type that delivers nothing for this long hands its events back to the
+    # producers (retry-later) so it cannot hold their windows; see router.py.
+    stall_timeout_ms: Annotated[int, Meta(ge=100)] = 5_000
     create_topics: bool = True
     topic_partitions: Annotated[int, Meta(ge=1)] = 4
     replication_factor: Annotated[int, Meta(ge=1)] = 1

@@ -3,8 +3,15 @@
 A ring (``_fastpath.TypeRing``) holds a type's events; its lane drains them
 into the sink in *units* (one run of entries, one record batch per partition)
 with up to ``max_inflight_batches_per_type`` units in flight. Each type has
-its own task, so a type whose topic is slow or failing never holds up the
-others: its ring fills, and producers get retry-later for that type only.
+its own task, so a slow or failing topic never holds up the others.
+
+Liveness over lateness: a type that cannot be delivered must not hold its
+producers' in-flight windows either, or their batches of other types would
+stop too. So a lane that has not delivered for ``stall_timeout_ms`` (or that
+hits an error that retrying cannot fix) *sheds*: it answers every event it
+holds with retry-later, drops them, and answers new events of that type
+retry-later at once, while it probes the topic with back-off. When a probe
+succeeds it accepts again; the first delivered unit closes the breaker.
 
 Acks: a producer's batch part for one type is a *segment*. A unit covers
 whole or partial segments; when every event of a segment has been
@@ -18,19 +25,34 @@ import asyncio
 import logging
 import time
 from collections import deque
+from enum import Enum
 from typing import Protocol
+
+from aiokafka.errors import (
+    InvalidTopicError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+)
 
 from eventbroker import _fastpath as fp
 from eventbroker.config import PRIORITY_ORDER, EventType, KafkaConfig, ServerConfig
-from eventbroker.sinks import Sink
+from eventbroker.protocol import Reason
+from eventbroker.sinks import ProduceFailed, Sink
 
 log = logging.getLogger("eventbroker.router")
+
+# Produce errors that no retry fixes: record too large, invalid topic,
+# authorization failed, invalid record.
+_FATAL_PRODUCE_CODES = {10, 17, 29, 87}
+_FATAL_METADATA = (UnknownTopicOrPartitionError, InvalidTopicError, TopicAuthorizationFailedError)
 
 
 class AckTarget(Protocol):
     closed: bool
 
     def part_persisted(self, batch_seq: int, type_index: int, count: int) -> None: ...
+
+    def part_retry(self, batch_seq: int, type_index: int, count: int, reason: int, retry_after_ms: int) -> None: ...
 
 
 class Segment:
@@ -59,14 +81,26 @@ class Unit:
         self.created = time.monotonic()
 
 
+class LaneState(Enum):
+    CLOSED = "delivering"  # healthy
+    OPEN = "shedding"  # answering retry-later, probing
+    HALF_OPEN = "probing"  # accepting again; the next delivery decides
+
+
 class LaneStats:
-    __slots__ = ("events_persisted", "units_sent", "send_failures", "last_error")
+    __slots__ = ("events_persisted", "units_sent", "send_failures", "sheds", "events_shed", "last_error")
 
     def __init__(self) -> None:
         self.events_persisted = 0
         self.units_sent = 0
         self.send_failures = 0
+        self.sheds = 0
+        self.events_shed = 0
         self.last_error = ""
+
+
+class _Shed(Exception):
+    pass
 
 
 class Lane:
@@ -89,15 +123,24 @@ class Lane:
         self._wakeup = asyncio.Event()
         self._slots = asyncio.Semaphore(kcfg.max_inflight_batches_per_type)
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._sends: set[asyncio.Task[None]] = set()
         self._partitions = 0
         self._sticky = 0
         self._stopping = False
+        self._metadata_failing_since = 0.0
+        self.state = LaneState.CLOSED
+        self._shed_backoff_s = kcfg.retry_backoff_ms / 1000
         self.stats = LaneStats()
 
     @property
     def priority_rank(self) -> int:
         return PRIORITY_ORDER[self.etype.priority]
+
+    @property
+    def retry_after_ms(self) -> int:
+        """Back-off hint for producers while this type is shedding."""
+        return max(100, int(self._shed_backoff_s * 1000))
 
     def add_segment(self, target: AckTarget, batch_seq: int, type_index: int, count: int) -> None:
         self._segments.append(Segment(target, batch_seq, type_index, count))
@@ -108,27 +151,32 @@ class Lane:
         return self.ring.used_bytes == 0
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"lane:{self.etype.name}")
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self._run(), name=f"lane:{self.etype.name}")
+        self._watchdog = loop.create_task(self._watch(), name=f"lane-watchdog:{self.etype.name}")
 
     async def stop(self, deadline: float) -> None:
         """Finish what is in the ring until ``deadline`` (monotonic), then stop."""
-        while not self.idle and time.monotonic() < deadline:
+        while not self.idle and time.monotonic() < deadline and self.state is not LaneState.OPEN:
             self._wakeup.set()
             await asyncio.sleep(0.01)
         self._stopping = True
         self._wakeup.set()
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        for t in list(self._sends):
+        tasks = [t for t in (self._task, self._watchdog) if t is not None]
+        for t in tasks + list(self._sends):
             t.cancel()
-        await asyncio.gather(*self._sends, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._sends, return_exceptions=True)
+
+    # the drain loop
 
     async def _run(self) -> None:
         ring = self.ring
         kcfg = self._kcfg
         linger_s = kcfg.linger_ms / 1000
         while not self._stopping:
+            if self.state is LaneState.OPEN:
+                await self._probe()
+                continue
             if ring.pending_events == 0:
                 self._wakeup.clear()
                 await self._wakeup.wait()
@@ -137,10 +185,9 @@ class Lane:
                 await asyncio.sleep(linger_s)
             await self._slots.acquire()
             try:
-                unit = await self._take_unit()
-            except BaseException:
-                self._slots.release()
-                raise
+                unit = await self._take_unit() if self.state is not LaneState.OPEN else None
+            except _Shed:
+                unit = None
             if unit is None:
                 self._slots.release()
                 continue
@@ -158,8 +205,15 @@ class Lane:
             while self._partitions == 0:
                 try:
                     self._partitions = await self.sink.partitions(self.etype.topic)
-                except Exception as e:  # broker down, topic missing: keep trying
+                    self._metadata_failing_since = 0.0
+                except Exception as e:  # broker down, topic missing
                     self._note_failure(f"metadata for {self.etype.topic}: {e!r}")
+                    if isinstance(e, _FATAL_METADATA):
+                        self.shed(f"topic {self.etype.topic} cannot be written ({type(e).__name__})")
+                    if not self._metadata_failing_since:
+                        self._metadata_failing_since = time.monotonic()
+                    if self.state is LaneState.OPEN:
+                        raise _Shed() from None
                     await asyncio.sleep(self._kcfg.retry_backoff_ms / 1000)
             self._sticky = (self._sticky + 1) % self._partitions
             r = ring.build_unit(self._kcfg.batch_max_bytes, self._partitions, self._sticky)
@@ -203,19 +257,28 @@ class Lane:
                     raise
                 except Exception as e:
                     self._note_failure(f"produce to {self.etype.topic} failed: {e!r}")
+                    if isinstance(e, ProduceFailed) and any(
+                        code in _FATAL_PRODUCE_CODES for code in e.codes.values()
+                    ):
+                        self.shed(f"Kafka refuses writes to {self.etype.topic}: {e}")
+                        return
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, max_backoff)
-            if self.stats.last_error:
-                log.info("type %s: delivering again", self.etype.name)
-                self.stats.last_error = ""
             self._finish(unit)
         finally:
             self._slots.release()
 
     def _finish(self, unit: Unit) -> None:
+        if unit.done:
+            return
         unit.done = True
         self.stats.units_sent += 1
         self.stats.events_persisted += unit.n_events
+        if self.state is not LaneState.CLOSED or self.stats.last_error:
+            log.info("type %s: delivering again", self.etype.name)
+            self.state = LaneState.CLOSED
+            self.stats.last_error = ""
+            self._shed_backoff_s = self._kcfg.retry_backoff_ms / 1000
         for seg, n in unit.contribs:
             seg.unacked -= n
             if seg.unacked == 0 and not seg.target.closed:
@@ -224,6 +287,71 @@ class Lane:
         while units and units[0].done:
             u = units.popleft()
             self.ring.release(u.n_bytes, u.end_seq, u.end_off)
+
+    # liveness
+
+    async def _watch(self) -> None:
+        """Shed when nothing has been delivered for stall_timeout_ms."""
+        stall_s = self._kcfg.stall_timeout_ms / 1000
+        while not self._stopping:
+            await asyncio.sleep(max(0.05, stall_s / 4))
+            if self.state is LaneState.OPEN:
+                continue
+            now = time.monotonic()
+            oldest = self._units[0].created if self._units else 0.0
+            if oldest and now - oldest > stall_s:
+                self.shed(f"no delivery to {self.etype.topic} for {now - oldest:.1f}s")
+            elif self._metadata_failing_since and now - self._metadata_failing_since > stall_s:
+                self.shed(f"no metadata for {self.etype.topic} for {now - self._metadata_failing_since:.1f}s")
+
+    def shed(self, why: str) -> None:
+        """Answer everything this type holds retry-later, drop it, stop accepting."""
+        if self.state is LaneState.OPEN:
+            return
+        if self.state is LaneState.HALF_OPEN:  # the probe failed: back off further
+            self._shed_backoff_s = min(self._shed_backoff_s * 2, self._kcfg.retry_backoff_max_ms / 1000)
+        self.state = LaneState.OPEN
+        self.ring.accepting = False
+        self.stats.sheds += 1
+        for t in list(self._sends):
+            t.cancel()
+        segments: dict[int, Segment] = {}
+        for unit in self._units:
+            for seg, _ in unit.contribs:
+                segments[id(seg)] = seg
+        for seg in self._segments:
+            segments[id(seg)] = seg
+        retry_ms = self.retry_after_ms
+        answered = 0
+        for seg in segments.values():
+            if seg.unacked and not seg.target.closed:
+                seg.target.part_retry(seg.batch_seq, seg.type_index, seg.count, Reason.KAFKA_UNAVAILABLE, retry_ms)
+                answered += seg.count
+            seg.unacked = 0
+        for unit in self._units:
+            unit.done = True
+        self._units.clear()
+        self._segments.clear()
+        self.ring.discard_all()
+        self._partitions = 0
+        self._metadata_failing_since = 0.0
+        self.stats.events_shed += answered
+        log.warning(
+            "type %s: %s; answering its producers retry-later (%d events handed back) until it recovers",
+            self.etype.name, why, answered,
+        )
+
+    async def _probe(self) -> None:
+        await asyncio.sleep(self._shed_backoff_s)
+        try:
+            self._partitions = await self.sink.partitions(self.etype.topic)
+        except Exception as e:
+            self._note_failure(f"probe of {self.etype.topic}: {e!r}")
+            self._shed_backoff_s = min(self._shed_backoff_s * 2, self._kcfg.retry_backoff_max_ms / 1000)
+            return
+        log.info("type %s: topic %s answers again; accepting events", self.etype.name, self.etype.topic)
+        self.state = LaneState.HALF_OPEN
+        self.ring.accepting = True
 
 
 class Router:
@@ -235,10 +363,15 @@ class Router:
             max_event_bytes=server_cfg.max_event_bytes,
         )
         self.lanes: dict[str, Lane] = {}
+        self._by_name: dict[bytes, Lane] = {}
         for name, et in types.items():
             lane = Lane(et, sink, kcfg, server_cfg)
             self.lanes[name] = lane
+            self._by_name[lane.ring.name_bytes] = lane
             self.core.add(lane.ring)
+
+    def lane_for(self, name: bytes) -> Lane | None:
+        return self._by_name.get(name)
 
     def start(self) -> None:
         # Critical types' tasks start first; each type then runs on its own.

@@ -39,7 +39,6 @@ log = logging.getLogger("eventbroker.server")
 _HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
 # Framing errors before the handshake mean the peer does not speak this protocol.
 _NOT_OUR_PROTOCOL = {ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNKNOWN_FRAME_TYPE, ErrorCode.MALFORMED_FRAME}
-_RETRY_AFTER_MS: dict[int, int] = {Reason.OVERLOADED: 200}
 
 
 class ServerStats:
@@ -168,19 +167,21 @@ class IngestProtocol(asyncio.Protocol):
 
     def _on_batch(self) -> None:
         server = self._server
-        seq, _names, results = server.router.core.ingest(self._reader, int(time.time() * 1000))
+        seq, names, results = server.router.core.ingest(self._reader, int(time.time() * 1000))
         server.stats.batches += 1
         now_entries = []
         for ti, status, reason, count, indices, ring in results:
             if ring is not None:  # accepted: the ack comes when Kafka has it
                 ring.lane.add_segment(self, seq, ti, count)
                 self._parts_owed += 1
-            else:
-                if server.draining and status == Status.RETRY_LATER:
+                continue
+            retry_ms = 0
+            if status == Status.RETRY_LATER:
+                if server.draining:
                     reason = Reason.SHUTTING_DOWN
-                now_entries.append(
-                    AckEntry(ti, status, reason, count, _RETRY_AFTER_MS.get(reason, 0), tuple(indices or ()))
-                )
+                lane = server.router.lane_for(names[ti])
+                retry_ms = lane.retry_after_ms if reason == Reason.KAFKA_UNAVAILABLE and lane else 200
+            now_entries.append(AckEntry(ti, status, reason, count, retry_ms, tuple(indices or ())))
         if now_entries or not results:
             # Listed (per-event) entries first, as the protocol asks. A batch
             # with no events is answered with an empty ACK.
@@ -189,6 +190,15 @@ class IngestProtocol(asyncio.Protocol):
 
     def part_persisted(self, batch_seq: int, type_index: int, count: int) -> None:
         entry = AckEntry(type_index, Status.PERSISTED, Reason.NONE, count)
+        self._parts_owed -= 1
+        self._pending_acks.setdefault(batch_seq, []).append(entry)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_acks)
+
+    def part_retry(self, batch_seq: int, type_index: int, count: int, reason: int, retry_after_ms: int) -> None:
+        """An accepted part could not be delivered: the producer must send it again."""
+        entry = AckEntry(type_index, Status.RETRY_LATER, reason, count, retry_after_ms)
         self._parts_owed -= 1
         self._pending_acks.setdefault(batch_seq, []).append(entry)
         if not self._flush_scheduled:

@@ -101,9 +101,13 @@ _METADATA_ERRORS = {3, 5, 6, 9, 13, 14, 15, 16, 19, 20}
 
 
 class ProduceFailed(Exception):
-    def __init__(self, topic: str, errors: dict[int, str]) -> None:
+    """Some partitions of a unit were not acknowledged. ``errors`` describes
+    each; ``codes`` holds the Kafka error code where the broker gave one."""
+
+    def __init__(self, topic: str, errors: dict[int, str], codes: dict[int, int] | None = None) -> None:
         super().__init__(f"{topic}: " + ", ".join(f"partition {p}: {e}" for p, e in sorted(errors.items())))
         self.errors = errors
+        self.codes = codes or {}
 
 
 class Sink(Protocol):
@@ -232,6 +236,7 @@ class KafkaSink:
             return_exceptions=True,
         )
         done: set[int] = set()
+        codes: dict[int, int] = {}
         refresh = bool(errors)
         for node, res in zip(nodes, results, strict=True):
             if isinstance(res, BaseException):
@@ -246,9 +251,10 @@ class KafkaSink:
                         done.add(partition)
                     else:
                         errors[partition] = f"{Errors.for_code(code).__name__}"
+                        codes[partition] = code
                         refresh = refresh or code in _METADATA_ERRORS
         batches[:] = [b for b in batches if b[0] not in done]
         if batches:
             if refresh:
                 client.force_metadata_update()
-            raise ProduceFailed(topic, errors or {b[0]: "no response for partition" for b in batches})
+            raise ProduceFailed(topic, errors or {b[0]: "no response for partition" for b in batches}, codes)

@@ -199,6 +199,7 @@ class Producer:
         self._linger_handle: asyncio.TimerHandle | None = None
         self._outbox: deque[_Batch] = deque()
         self._inflight: dict[int, _Batch] = {}
+        self._retry_waiting: list[list[_Pending]] = []  # answered retry-later, waiting out the hint
         self._seq = itertools.count(1)
         self._unresolved = 0
         self._space = asyncio.Event()
@@ -214,6 +215,8 @@ class Producer:
         self._fatal: ServerError | None = None
         self.reconnects = 0
         self._conn_failures = 0
+        self._last_conn_error = ""
+        self._connected = asyncio.Event()
         self.stats = {"sent": 0, "persisted": 0, "rejected": 0, "retried": 0, "resent_after_reconnect": 0}
 
     # lifecycle
@@ -298,6 +301,15 @@ class Producer:
             return fut
         self._append(ev)
         return fut
+
+    async def wait_connected(self, timeout_s: float) -> None:
+        """Wait until a connection is up; ``ConnectionError`` with the last reason if not in time."""
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
+        except TimeoutError:
+            raise ConnectionError(f"cannot connect to {self._last_conn_error or 'any server'}") from None
+        if self._fatal is not None:
+            raise self._fatal
 
     async def send_and_wait(self, event_type: str, payload: bytes, **kw: Any) -> bytes:
         return await (await self.send(event_type, payload, **kw))
@@ -385,6 +397,7 @@ class Producer:
         if retry:
             self.stats["retried"] += len(retry)
             delay = retry_after / 1000 * (0.75 + random.random() / 2)
+            self._retry_waiting.append(retry)
             asyncio.get_running_loop().call_later(delay, self._requeue, retry)
         if batch.left == 0:
             del self._inflight[batch.seq]
@@ -394,6 +407,10 @@ class Producer:
                 conn.close()
 
     def _requeue(self, events: list[_Pending]) -> None:
+        try:
+            self._retry_waiting.remove(events)
+        except ValueError:
+            return  # failed by close() meanwhile
         if self._closed:
             return
         for ev in events:
@@ -418,6 +435,8 @@ class Producer:
     def _fail_all(self, exc: BaseException) -> None:
         pending = [ev for b in self._inflight.values() for i, ev in enumerate(b.events) if not b.answered[i]]
         pending += [ev for b in self._outbox for ev in b.events] + self._open
+        pending += [ev for waiting in self._retry_waiting for ev in waiting]
+        self._retry_waiting.clear()
         self._inflight.clear()
         self._outbox.clear()
         self._open = []
@@ -478,8 +497,10 @@ class Producer:
                     return
                 conn = None
             except (OSError, TimeoutError, ConnectionError) as e:
+                host, port = self._servers[self._server_idx % len(self._servers)]
+                self._last_conn_error = f"{host}:{port}: {e or type(e).__name__}"
                 if not self._conn_failures:
-                    log.warning("cannot connect to %s:%s: %s", *self._servers[self._server_idx % len(self._servers)], e)
+                    log.warning("cannot connect to %s", self._last_conn_error)
                 conn = None
             if conn is None:
                 self._conn_failures += 1
@@ -495,6 +516,7 @@ class Producer:
             self._conn_failures = 0
             delay = self._backoff[0] / 1000
             self._conn = conn
+            self._connected.set()
             self._resend_unacked()
             self._wake_sender.set()
             hb = asyncio.get_running_loop().create_task(self._heartbeats(conn))
@@ -503,6 +525,7 @@ class Producer:
             finally:
                 hb.cancel()
                 self._conn = None
+                self._connected.clear()
                 self._welcome = self._welcome  # keep limits for batching
             if conn.goaway:
                 self._server_idx += 1

@@ -1,0 +1,134 @@
+"""One event type that cannot be delivered must not stop the others.
+
+With the real broker: a type whose topic Kafka refuses. With a fake sink: a
+type whose produce requests never return (a hung partition leader).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+
+from conftest import daemon_address, make_config, read_topic
+from eventbroker import _fastpath as fp
+from eventbroker.client import Producer, ProducerClosed
+from eventbroker.config import resolve_types
+from eventbroker.protocol import Reason, Status
+from eventbroker.router import LaneState, Router
+
+
+async def test_unwritable_topic_does_not_stop_other_types(daemon_factory, kafka_bootstrap):
+    """Batches mixing a healthy type and one whose topic Kafka refuses: every
+    healthy event is persisted; the other type is handed back retry-later."""
+    types = {"play": {}, "broken": {"topic": ".."}}  # Kafka refuses the name ".."
+    async with daemon_factory(types, kafka={"create_topics": False, "retry_backoff_ms": 50}) as d:
+        p = Producer(daemon_address(d), linger_ms=1, max_inflight_batches=4)
+        await p.start()
+        try:
+            t0 = time.monotonic()
+            play, broken = [], []
+            for i in range(2000):
+                play.append(await p.send("play", b"p%d" % i))
+                broken.append(await p.send("broken", b"b%d" % i))
+            await asyncio.wait_for(asyncio.gather(*play), 30)
+            elapsed = time.monotonic() - t0
+            lane = d.router.lanes["broken"]
+            deadline = time.monotonic() + 10
+            while (lane.stats.sheds == 0 or p.stats["retried"] == 0) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert lane.stats.sheds >= 1 and lane.state is not LaneState.CLOSED
+            assert p.stats["retried"] > 0  # the broken type's events were handed back
+            assert not any(f.done() for f in broken)
+        finally:
+            await p.close(timeout_s=0.5)
+        assert all(isinstance(f.exception(), ProducerClosed) for f in broken)
+        topic = d.router.lanes["play"].etype.topic
+    assert len(read_topic(kafka_bootstrap, topic, 2000)) == 2000
+    assert elapsed < 20
+
+
+class _Target:
+    closed = False
+
+    def __init__(self) -> None:
+        self.answers: list[tuple] = []
+
+    def part_persisted(self, batch_seq, type_index, count):
+        self.answers.append((batch_seq, type_index, Status.PERSISTED, count))
+
+    def part_retry(self, batch_seq, type_index, count, reason, retry_after_ms):
+        self.answers.append((batch_seq, type_index, Status.RETRY_LATER, count, reason, retry_after_ms))
+
+
+class _HangingSink:
+    """Acknowledges every topic except one, whose requests never return."""
+
+    builds_batches = True
+
+    def __init__(self, hanging_topic: str) -> None:
+        self.hanging_topic = hanging_topic
+        self.sent: dict[str, int] = {}
+
+    async def partitions(self, topic: str) -> int:
+        return 2
+
+    async def send(self, topic, batches):
+        if topic == self.hanging_topic:
+            await asyncio.Event().wait()
+        self.sent[topic] = self.sent.get(topic, 0) + sum(c for _, _, c in batches)
+        batches.clear()
+
+
+def _ingest(router: Router, target: _Target, seq: int, types: list[bytes], n: int) -> None:
+    enc = fp.BatchEncoder()
+    for i in range(n):
+        for t in types:
+            enc.add(t, struct.pack(">QQ", seq, i + 1), 1, None, b"x" * 50)
+    reader = fp.FrameReader(1 << 24)
+    reader.feed(enc.finish(seq))
+    reader.next_frame()
+    _, names, results = router.core.ingest(reader, 1)
+    for ti, status, _reason, count, _idx, ring in results:
+        assert status == fp.STATUS_ACCEPTED
+        ring.lane.add_segment(target, seq, ti, count)
+
+
+async def test_hung_type_is_shed_after_stall_timeout():
+    """A type whose produce never returns is answered retry-later after
+    stall_timeout_ms and then refused at once; the healthy type keeps going."""
+    cfg = make_config("unused:1", {"fast": {}, "hung": {}},
+                      kafka={"stall_timeout_ms": 300, "linger_ms": 0, "retry_backoff_ms": 10_000})
+    types = resolve_types(cfg)
+    sink = _HangingSink(types["hung"].topic)
+    router = Router(types, sink, cfg.kafka, cfg.server)
+    router.start()
+    target = _Target()
+    try:
+        _ingest(router, target, 1, [b"fast", b"hung"], 100)
+        await asyncio.sleep(0.1)
+        assert (1, 0, Status.PERSISTED, 100) in target.answers  # "fast" is type index 0
+        assert not any(a[1] == 1 for a in target.answers)  # "hung" still waiting
+        await asyncio.sleep(0.6)
+        retry = [a for a in target.answers if a[1] == 1]
+        assert retry == [(1, 1, Status.RETRY_LATER, 100, Reason.KAFKA_UNAVAILABLE, 10_000)]
+        hung = router.lanes["hung"]
+        assert hung.state is LaneState.OPEN and not hung.ring.accepting and hung.ring.used_bytes == 0
+        # New events of the hung type are refused at once; the fast type still flows.
+        enc = fp.BatchEncoder()
+        enc.add(b"hung", struct.pack(">QQ", 2, 1), 1, None, b"y")
+        enc.add(b"fast", struct.pack(">QQ", 2, 2), 1, None, b"y")
+        reader = fp.FrameReader(1 << 20)
+        reader.feed(enc.finish(2))
+        reader.next_frame()
+        _, _, results = router.core.ingest(reader, 1)
+        by_type = {r[0]: r[1:3] for r in results}
+        assert by_type[0] == (fp.STATUS_RETRY_LATER, fp.REASON_KAFKA_UNAVAILABLE)
+        assert by_type[1] == (fp.STATUS_ACCEPTED, fp.REASON_NONE)
+        for ti, _status, _reason, count, _idx, ring in results:
+            if ring is not None:
+                ring.lane.add_segment(target, 2, ti, count)
+        await asyncio.sleep(0.1)
+        assert sink.sent[types["fast"].topic] == 101
+    finally:
+        await router.stop(time.monotonic())
