@@ -73,7 +73,7 @@ def test_produce_100k_events_of_three_types(tmp_path, kafka_bootstrap):
             assert pr.returncode == 0, err.decode()
             summary = orjson.loads(out)
             assert summary == {"type": t, "sent": per_type[t], "persisted": per_type[t], "rejected": {},
-                               "invalid_json": 0}
+                               "unacknowledged": 0, "invalid_json": 0}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert sum(per_type.values()) == 100_000
@@ -150,9 +150,12 @@ def test_serve_on_embedded_default_starts_and_stops_its_broker(tmp_path):
     ("toml", "expected"),
     [
         ('[server]\nmax_frame_bytes = "big"\n', "key 'server.max_frame_bytes': Expected `int`, got `str`"),
-        ('[types.play]\npriority = "urgent"\n', "key 'types.<name>.priority'"),
-        ('[types.play]\nprio = "x"\n', "unknown field `prio`"),
-        ('[server]\nlisten = "nowhere"\n', "is not HOST:PORT"),
+        ('[types.play]\npriority = "urgent"\n', "key 'types.play.priority': Invalid enum value 'urgent'"),
+        ('[types.play]\nprio = "x"\n', "key 'types.play.prio': unknown key"),
+        ('[server]\nmax_frame_byte = 5\n', "key 'server.max_frame_byte': unknown key"),
+        ('[server]\nlisten = "nowhere"\n', "key 'server.listen': 'nowhere' is not HOST:PORT"),
+        ("[types.Play]\n", "type name 'Play' under [types] is not allowed"),
+        ('[types.play]\nring_bytes = 100000\n', "key 'types.play.ring_bytes'"),
         ("[types.play\n", "line 1"),
     ],
 )

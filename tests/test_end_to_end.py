@@ -131,7 +131,8 @@ async def test_sync_producer(daemon_factory, kafka_bootstrap):
 
         def run() -> tuple[list[bytes], BaseException | None]:
             with SyncProducer(addr) as sp:
-                ids = [sp.send("search", b"q%d" % i).result(timeout=30) for i in range(50)]
+                ids = [sp.send("search", b"q%d" % i).result(timeout=30) for i in range(49)]
+                ids.append(sp.send_and_wait("search", b"last", timeout_s=30))
                 bad = sp.send("nosuch", b"?").exception(timeout=30)
             return ids, bad
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import signal
 import sys
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -18,7 +20,7 @@ from eventbroker.config import (
     resolve_types,
     with_overrides,
 )
-from eventbroker.errors import ConfigError, EventBrokerError, EventRejected
+from eventbroker.errors import ConfigError, EventBrokerError, EventRejected, ProducerClosed
 
 log = logging.getLogger("eventbroker")
 
@@ -67,68 +69,120 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # produce
 
 
+class _StdinLines:
+    """Lines of stdin, read in a daemon thread in chunks: lines typed at a
+    terminal are sent at once, piped input stays fast, and Ctrl-C never waits
+    for the read to return."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=64)
+        self._loop = loop
+        threading.Thread(target=self._read, name="stdin", daemon=True).start()
+
+    def _read(self) -> None:
+        stdin = sys.stdin.buffer
+        rest = b""
+        try:
+            while True:
+                chunk = stdin.read1(1 << 16) if hasattr(stdin, "read1") else stdin.readline()
+                if not chunk:
+                    break
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                if lines:
+                    asyncio.run_coroutine_threadsafe(self._queue.put(b"\n".join(lines)), self._loop).result()
+            if rest:
+                asyncio.run_coroutine_threadsafe(self._queue.put(rest), self._loop).result()
+        except (RuntimeError, ValueError, OSError):  # the loop closed under us: we are exiting
+            return
+        asyncio.run_coroutine_threadsafe(self._queue.put(None), self._loop)
+
+    async def chunks(self):
+        while (block := await self._queue.get()) is not None:
+            yield block.split(b"\n")
+
+
 async def _produce(args: argparse.Namespace) -> int:
     from eventbroker.client import Producer
 
     counts: Counter[str] = Counter()
-    futures = []
+    futures: list[asyncio.Future[bytes]] = []
     key_field = args.key_field
     loop = asyncio.get_running_loop()
-    stdin = sys.stdin.buffer
-    async with Producer(args.server, client_id=args.client_id, linger_ms=args.linger_ms) as producer:
+    interrupted = asyncio.Event()
+    main_task = asyncio.current_task()
+
+    def on_sigint() -> None:
+        interrupted.set()
+        if main_task is not None:
+            main_task.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    producer = Producer(args.server, client_id=args.client_id, linger_ms=args.linger_ms)
+    await producer.start()
+    try:
         try:
             await producer.wait_connected(args.connect_timeout)
         except (ConnectionError, EventBrokerError) as e:
             print(f"eventbroker: {e}", file=sys.stderr)
             return 1
         lineno = 0
-        while True:
-            line = await loop.run_in_executor(None, stdin.readline) if args.nonblocking_stdin else stdin.readline()
-            if not line:
-                break
-            lineno += 1
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                obj = orjson.loads(line)
-            except orjson.JSONDecodeError as e:
-                counts["invalid_json"] += 1
-                print(f"line {lineno}: not JSON ({e}); skipped", file=sys.stderr)
-                continue
-            key = None
-            if key_field:
-                v = obj.get(key_field) if isinstance(obj, dict) else None
-                if v is not None:
-                    key = v.encode() if isinstance(v, str) else orjson.dumps(v)
-            counts["sent"] += 1
-            futures.append(await producer.send(args.type, line, key=key))
-        await producer.flush()
+        async for lines in _StdinLines(loop).chunks():
+            for line in lines:
+                lineno += 1
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    obj = orjson.loads(line)
+                except orjson.JSONDecodeError as e:
+                    counts["invalid_json"] += 1
+                    print(f"line {lineno}: not JSON ({e}); skipped", file=sys.stderr)
+                    continue
+                key = None
+                if key_field:
+                    v = obj.get(key_field) if isinstance(obj, dict) else None
+                    if v is not None:
+                        key = v.encode() if isinstance(v, str) else orjson.dumps(v)
+                counts["sent"] += 1
+                futures.append(await producer.send(args.type, line, key=key))
+        await producer.flush(args.timeout)
+    except (asyncio.CancelledError, TimeoutError):
+        if not interrupted.is_set():
+            print(f"eventbroker: not all events were acknowledged within {args.timeout}s", file=sys.stderr)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        await producer.close(timeout_s=0 if interrupted.is_set() else 5)
     for f in futures:
-        exc = f.exception()
+        exc = f.exception() if f.done() and not f.cancelled() else ProducerClosed("not acknowledged")
         if exc is None:
             counts["persisted"] += 1
         elif isinstance(exc, EventRejected):
             counts[f"rejected:{exc.reason}"] += 1
         else:
-            counts[f"failed:{type(exc).__name__}"] += 1
-    rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith(("rejected:", "failed:"))}
+            counts["unacknowledged"] += 1
+    rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}
     summary = {
         "type": args.type,
         "sent": counts["sent"],
         "persisted": counts["persisted"],
         "rejected": rejected,
+        "unacknowledged": counts["unacknowledged"],
         "invalid_json": counts["invalid_json"],
     }
     if args.json:
         print(orjson.dumps(summary).decode())
     else:
-        line = f"{args.type}: sent {summary['sent']}, persisted {summary['persisted']}"
+        text = f"{args.type}: sent {summary['sent']}, persisted {summary['persisted']}"
         if rejected:
-            line += ", rejected " + ", ".join(f"{v} {k}" for k, v in sorted(rejected.items()))
+            text += ", rejected " + ", ".join(f"{v} {k}" for k, v in sorted(rejected.items()))
+        if counts["unacknowledged"]:
+            text += f", {counts['unacknowledged']} not acknowledged (send them again)"
         if counts["invalid_json"]:
-            line += f", skipped {counts['invalid_json']} lines that are not JSON"
-        print(line)
+            text += f", skipped {counts['invalid_json']} lines that are not JSON"
+        print(text)
+    if interrupted.is_set():
+        return 130
     ok = summary["persisted"] == summary["sent"] and not counts["invalid_json"]
     return 0 if ok else 1
 
@@ -146,6 +200,8 @@ async def _tail(args: argparse.Namespace) -> int:
     cfg = load_config(_config_path(args.config))
     types = resolve_types(cfg)
     topic = types[args.type].topic if args.type in types else f"events.{args.type}"
+    if args.type not in types:
+        log.warning("type %r is not in the config; reading topic %s", args.type, topic)
     bootstrap = args.kafka or cfg.kafka.bootstrap_servers or f"127.0.0.1:{cfg.kafka.embedded_port}"
     consumer = AIOKafkaConsumer(
         topic,
@@ -154,7 +210,11 @@ async def _tail(args: argparse.Namespace) -> int:
         enable_auto_commit=False,
         group_id=None,
     )
-    await consumer.start()
+    try:
+        await consumer.start()
+    except BaseException:
+        await consumer.stop()
+        raise
     seen = 0
     out = sys.stdout
     try:
@@ -239,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--linger-ms", type=float, default=5.0)
     pr.add_argument("--connect-timeout", type=float, default=10.0, help="give up if no connection within (s)")
     pr.add_argument("--json", action="store_true", help="print the summary as JSON")
-    pr.add_argument("--nonblocking-stdin", action="store_true", help="read stdin in a thread (interactive use)")
+    pr.add_argument("--timeout", type=float, default=300.0, help="give up waiting for acks after this long (s)")
     pr.set_defaults(func=cmd_produce)
 
     t = sub.add_parser("tail", help="print the events in one type's topic")
@@ -265,13 +325,24 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    from aiokafka.errors import KafkaConnectionError, KafkaError
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
         print(f"eventbroker: config error: {e}", file=sys.stderr)
         return 2
-    except EventBrokerError as e:
+    except (EventBrokerError, RuntimeError) as e:
         print(f"eventbroker: {e}", file=sys.stderr)
+        return 1
+    except KafkaConnectionError as e:
+        print(f"eventbroker: cannot reach Kafka: {e}", file=sys.stderr)
+        return 1
+    except KafkaError as e:
+        print(f"eventbroker: Kafka error: {e!r}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"eventbroker: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import socket
+import tomllib
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -19,7 +20,8 @@ from eventbroker.errors import ConfigError
 DEFAULT_LISTEN = "127.0.0.1:7480"
 DEFAULT_EMBEDDED_PORT = 19092
 
-TypeName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_.\-]{0,63}$")]
+TYPE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.\-]{0,63}$"
+TypeName = Annotated[str, Meta(pattern=TYPE_NAME_PATTERN)]
 Priority = Literal["critical", "high", "normal", "low"]
 Partitioning = Literal["key", "spread"]
 
@@ -40,9 +42,12 @@ class ServerConfig(_Base, frozen=True):
     drain_timeout_ms: Annotated[int, Meta(ge=0)] = 10_000
 
     def __post_init__(self) -> None:
-        parse_host_port(self.listen)
+        try:
+            parse_host_port(self.listen)
+        except ValueError as e:
+            raise ValueError(f"listen: {e}") from None
         if self.max_event_bytes > self.max_frame_bytes:
-            raise ValueError("max_event_bytes must not exceed max_frame_bytes")
+            raise ValueError("max_event_bytes: must not exceed max_frame_bytes")
 
 
 class KafkaConfig(_Base, frozen=True):
@@ -112,7 +117,7 @@ def resolve_types(cfg: Config) -> dict[str, EventType]:
     for name, t in sorted(cfg.types.items()):
         topic = t.topic if t.topic is not None else f"events.{name}"
         if not _TOPIC_RE.match(topic):
-            raise ValueError(f"types.{name}.topic: {topic!r} is not a valid Kafka topic name")
+            raise ValueError(f"key 'types.{name}.topic': {topic!r} is not a valid Kafka topic name")
         et = EventType(
             name=name,
             topic=topic,
@@ -124,8 +129,8 @@ def resolve_types(cfg: Config) -> dict[str, EventType]:
         )
         if et.ring_bytes < 2 * cfg.server.max_frame_bytes:
             raise ValueError(
-                f"types.{name}.ring_bytes: {et.ring_bytes} is less than twice server.max_frame_bytes "
-                f"({cfg.server.max_frame_bytes}); one batch must always fit"
+                f"key 'types.{name}.ring_bytes': {et.ring_bytes} is less than twice server.max_frame_bytes "
+                f"({cfg.server.max_frame_bytes})"
             )
         out[name] = et
     return out
@@ -146,34 +151,59 @@ def parse_host_port(value: str, default_host: str = "127.0.0.1") -> tuple[str, i
     return host, port
 
 
-def _explain(exc: msgspec.ValidationError | msgspec.DecodeError) -> str:
+def _explain(exc: msgspec.ValidationError, prefix: str = "") -> str:
+    """``key 'a.b.c': what was wrong`` from a msgspec error."""
     msg = str(exc)
     m = re.search(r" - at `(key` in `)?\$(.*)`$", msg)
-    if m:
-        key = m.group(2).lstrip(".").replace("[...]", ".<name>")
-        what = "a name under" if m.group(1) else "key"
-        return f"{what} '{key}': {msg[: m.start()]}"
-    return msg
+    path, what = (m.group(2).replace("[...]", ".<name>"), msg[: m.start()]) if m else ("", msg)
+    key = ".".join(x for x in (prefix, path.lstrip(".")) if x)
+    if m and m.group(1):
+        return f"a name under '{key}': {what}"
+    unknown = re.match(r"Object contains unknown field `(.+)`$", what)
+    if unknown:
+        key = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+        what = "unknown key"
+    field = re.match(r"(\w+): (.*)$", what)  # raised by __post_init__ as "<field>: <reason>"
+    if field:
+        key, what = f"{key}.{field.group(1)}", field.group(2)
+    return f"key '{key}': {what}" if key else what
 
 
 def load_config(path: str | Path | None) -> Config:
     """Load and validate a TOML file; None gives the built-in defaults."""
     if path is None:
-        cfg = Config()
-    else:
-        p = Path(path)
-        try:
-            data = p.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"{p}: cannot read config file: {e.strerror}") from None
-        try:
-            cfg = msgspec.toml.decode(data, type=Config)
-        except (msgspec.ValidationError, msgspec.DecodeError) as e:
-            raise ConfigError(f"{p}: {_explain(e)}") from None
-        try:
-            resolve_types(cfg)
-        except ValueError as e:
-            raise ConfigError(f"{p}: key {e}") from None
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{p}: cannot read config file: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    try:
+        cfg = msgspec.convert(data, type=Config)
+    except msgspec.ValidationError as e:
+        detail = _explain(e)
+        types = data.get("types")
+        if isinstance(types, dict) and "types.<name>" in detail:
+            # msgspec does not say which type; find it.
+            for name, entry in types.items():
+                try:
+                    msgspec.convert(entry, type=EventTypeConfig)
+                except msgspec.ValidationError as e2:
+                    detail = _explain(e2, prefix=f"types.{name}")
+                    break
+        elif isinstance(types, dict) and detail.startswith("a name under 'types'"):
+            bad = [n for n in types if not re.match(TYPE_NAME_PATTERN, str(n))]
+            detail = f"type name {bad[0]!r} under [types] is not allowed: use 1-64 of a-z 0-9 _ . - " \
+                "starting with a letter or digit" if bad else detail
+        raise ConfigError(f"{p}: {detail}") from None
+    try:
+        resolve_types(cfg)
+    except ValueError as e:
+        raise ConfigError(f"{p}: {e}") from None
     return cfg
 
 

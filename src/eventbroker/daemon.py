@@ -27,9 +27,15 @@ class Daemon:
         self.router: Router | None = None
         self.server: IngestServer | None = None
         self.bootstrap = cfg.kafka.bootstrap_servers
+        self._stopped = False
 
     async def start(self) -> None:
         kcfg = self.cfg.kafka
+        if not self.types:
+            log.warning(
+                "no event types configured: every event will be rejected as unknown_type. "
+                "Add [types.<name>] sections to the config (see config/eventbroker.toml)"
+            )
         if kcfg.sink == "null":
             self.sink = NullSink()
         else:
@@ -65,6 +71,9 @@ class Daemon:
         )
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         deadline = time.monotonic() + self.cfg.server.drain_timeout_ms / 1000
         if self.server is not None:
             await self.server.drain(deadline)

@@ -62,6 +62,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def wait_for_port(host: str, port: int, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -99,6 +109,11 @@ class EmbeddedKafka:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> EmbeddedKafka:
+        if not port_is_free(self.host, self.port):
+            raise RuntimeError(
+                f"cannot start the embedded broker: {self.host}:{self.port} is already in use "
+                "(another eventbroker or Kafka?); set [kafka] embedded_port, or --kafka HOST:PORT to use that one"
+            )
         url = f"tcp://{self.host}:{self.port}"
         cmd = [
             str(tansu_binary()),
@@ -115,6 +130,9 @@ class EmbeddedKafka:
             )
         try:
             wait_for_port(self.host, self.port, timeout_s, self.proc)
+            time.sleep(0.05)
+            if self.proc.poll() is not None:  # something else answered on the port
+                raise RuntimeError(f"the embedded broker exited with code {self.proc.returncode} at start")
         except BaseException:
             self.stop()
             raise

@@ -38,6 +38,10 @@ class SyncProducer:
         """Queue an event; the future resolves to its id once persisted."""
         return asyncio.run_coroutine_threadsafe(self._send(event_type, payload, kw), self._loop)
 
+    def send_and_wait(self, event_type: str, payload: bytes, timeout_s: float | None = None, **kw: Any) -> bytes:
+        """Send one event and block until it is persisted; returns its id."""
+        return self.send(event_type, payload, **kw).result(timeout_s)
+
     def flush(self, timeout_s: float | None = None) -> None:
         self._call(self._producer.flush(timeout_s))
 
