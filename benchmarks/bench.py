@@ -23,6 +23,7 @@ import contextlib
 import datetime as dt
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -35,7 +36,7 @@ import orjson
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-TYPES = ["play", "search", "client_log"]
+DEFAULT_TYPES = "play,search,client_log"
 # A topic name Kafka refuses (UNKNOWN_TOPIC_OR_PARTITION / invalid name): the
 # type can never be written, like a topic that is missing and not creatable.
 UNWRITABLE_TOPIC = ".."
@@ -64,6 +65,18 @@ class Proc:
     def sample_rss(self) -> None:
         with contextlib.suppress(Exception):
             self.rss_peak = max(self.rss_peak, self.p.memory_info().rss)
+
+
+class _NoProc:
+    """Stands in for a daemon whose pid was not given: no CPU figures."""
+
+    rss_peak = 0
+
+    def cpu(self) -> float:
+        return float("nan")
+
+    def sample_rss(self) -> None:
+        pass
 
 
 def _wait_ready(path: Path, proc: subprocess.Popen, what: str, timeout_s: float = 120) -> None:
@@ -112,6 +125,8 @@ class Bench:
         self.bootstrap = args.kafka
         self.run_id = f"b{os.getpid()}"
         self.counter = 0
+        self.types: list[str] = args.types.split(",")
+        self.tags: set[int] = set()  # event id prefixes of this run's load generators
 
     # infrastructure
 
@@ -128,12 +143,21 @@ class Bench:
         if self.broker is not None:
             self.broker.stop()
 
+    def topics(self, prefix: str) -> dict[str, str]:
+        """Each type's topic for one run: fresh ones, or the running daemon's (events.<type>)."""
+        if self.args.server:
+            return {t: f"events.{t}" for t in self.types}
+        return {t: f"{prefix}.{t}" for t in self.types}
+
     def prefix(self) -> str:
         self.counter += 1
         return f"{self.run_id}n{self.counter}"
 
     @contextlib.contextmanager
     def daemon(self, sink: str, topics: dict[str, str], create_topics: bool = True) -> Iterator[tuple[str, Proc]]:
+        if self.args.server:  # a running daemon: its config decides sink and topics
+            yield self.args.server, Proc(self.args.server_pid) if self.args.server_pid else _NoProc()
+            return
         from eventbroker.embedded import free_port, wait_for_port
 
         port = free_port()
@@ -174,6 +198,10 @@ class Bench:
                 part["events"] = kw["events"] // procs
             if part.get("rate"):
                 part["rate"] = kw["rate"] / procs
+            part.setdefault("types", ",".join(self.types))
+            tag = random.getrandbits(31)
+            self.tags.add(tag)
+            part["tag"] = tag
             cmd = [sys.executable, str(HERE / "loadgen.py"), "--server", server, "--ready-file", str(ready)]
             for k, v in part.items():
                 if v is not None:
@@ -256,8 +284,10 @@ class Bench:
                 for m in msgs:
                     if m.error():
                         continue
+                    eid = dict(m.headers() or ()).get("eb.id", b"")
+                    if int.from_bytes(eid[:4], "big") not in self.tags:
+                        continue  # not this run's (a shared topic)
                     records += 1
-                    eid = dict(m.headers())["eb.id"]
                     if eid not in ids:
                         ids.add(eid)
                         checksum += fp.crc32c(m.value())
@@ -280,9 +310,9 @@ class Bench:
             "seconds": res["seconds"],
             "events_per_s": res["events_per_s"],
             "mb_per_s": round(n * a.event_bytes / res["seconds"] / 1e6, 1),
-            "daemon_cpu_s": round(d, 3),
-            "daemon_us_per_event": round(d / n * 1e6, 3) if n else None,
-            "daemon_events_per_cpu_s": round(n / d) if d else None,
+            "daemon_cpu_s": round(d, 3) if d == d else None,
+            "daemon_us_per_event": round(d / n * 1e6, 3) if n and d == d else None,
+            "daemon_events_per_cpu_s": round(n / d) if d and d == d else None,
             "broker_us_per_event": round(res["broker_cpu_s"] / n * 1e6, 3) if self.broker_proc and n else None,
             "loadgen_us_per_event": round(res["loadgen_cpu_s"] / n * 1e6, 3) if n else None,
             "daemon_peak_rss_mb": res["daemon_peak_rss_mb"],
@@ -292,20 +322,20 @@ class Bench:
 
     def ceiling(self, events: int) -> dict:
         pre = self.prefix()
-        with self.daemon("null", {t: f"{pre}.{t}" for t in TYPES}) as (server, dp):
+        with self.daemon("null", self.topics(pre)) as (server, dp):
             res = self.loadgen(server, dp, events=events, connections=self.args.connections,
                                batch_events=self.args.batch_events, event_bytes=self.args.event_bytes)
         return self._gateway_figures("ceiling", res)
 
     def e2e(self, events: int, verify: bool = True) -> dict:
         pre = self.prefix()
-        topics = {t: f"{pre}.{t}" for t in TYPES}
+        topics = self.topics(pre)
         with self.daemon("kafka", topics) as (server, dp):
             res = self.loadgen(server, dp, events=events, connections=self.args.connections,
                                batch_events=self.args.batch_events, event_bytes=self.args.event_bytes)
         out = self._gateway_figures("e2e", res)
         if verify:
-            expected = {topics[t]: res["acked_by_type"].get(t, 0) for t in TYPES}
+            expected = {topics[t]: res["acked_by_type"].get(t, 0) for t in self.types}
             out.update(self.verify(expected, res["events_acked"], res["payload_checksum"]))
             out["events_lost"] = max(0, res["events_acked"] - out["events_verified"])
         return out
@@ -313,19 +343,19 @@ class Bench:
     def sdk(self, events: int) -> dict:
         """e2e through the producer SDK (send() per event) instead of raw frames."""
         pre = self.prefix()
-        topics = {t: f"{pre}.{t}" for t in TYPES}
+        topics = self.topics(pre)
         with self.daemon("kafka", topics) as (server, dp):
             res = self.loadgen(server, dp, events=events, connections=self.args.connections,
                                batch_events=self.args.batch_events, event_bytes=self.args.event_bytes, client="sdk")
         out = self._gateway_figures("e2e-sdk", res)
-        expected = {topics[t]: res["acked_by_type"].get(t, 0) for t in TYPES}
+        expected = {topics[t]: res["acked_by_type"].get(t, 0) for t in self.types}
         out.update(self.verify(expected, res["events_acked"], None))
         out["events_lost"] = max(0, res["events_acked"] - out["events_verified"])
         return out
 
     def fanin(self, events: int, connections: int, batch_events: int) -> list[dict]:
         pre = self.prefix()
-        topics = {t: f"{pre}.{t}" for t in TYPES}
+        topics = self.topics(pre)
         with self.daemon("kafka", topics) as (server, dp):
             res = self.loadgen(server, dp, events=events, connections=connections, batch_events=batch_events,
                                event_bytes=self.args.event_bytes, window=1)
@@ -339,29 +369,32 @@ class Bench:
         return [gw, direct]
 
     def isolation(self, seconds: float) -> dict:
+        """The last of --types is made unwritable in the second phase."""
+        blocked = self.types[-1]
         rates = {}
         for phase, broken in (("normal", False), ("one_type_blocked", True)):
             pre = self.prefix()
-            topics = {t: f"{pre}.{t}" for t in TYPES}
+            topics = self.topics(pre)
             if broken:
-                topics["client_log"] = UNWRITABLE_TOPIC
+                topics[blocked] = UNWRITABLE_TOPIC
             # No topic creation: the broker's auto-creation refuses the bad name.
             with self.daemon("kafka", topics, create_topics=not broken) as (server, dp):
                 res = self.loadgen(server, dp, duration=seconds, connections=self.args.connections,
                                    batch_events=self.args.batch_events, event_bytes=self.args.event_bytes,
                                    events=200_000, drain_timeout=2)
-            others = res["acked_by_type"].get("play", 0) + res["acked_by_type"].get("search", 0)
+            others = sum(n for t, n in res["acked_by_type"].items() if t != blocked)
             rates[phase] = {"others_events_per_s": round(others / res["seconds"]),
-                            "blocked_type_events": res["acked_by_type"].get("client_log", 0),
+                            "blocked_type_events": res["acked_by_type"].get(blocked, 0),
                             "retry_later_batches": res["retry_later_batches"]}
         ratio = rates["one_type_blocked"]["others_events_per_s"] / max(1, rates["normal"]["others_events_per_s"])
-        return {"scenario": "isolation", "seconds": seconds, **rates, "others_ratio": round(ratio, 3)}
+        return {"scenario": "isolation", "seconds": seconds, "blocked_type": blocked, **rates,
+                "others_ratio": round(ratio, 3)}
 
     def latency(self, seconds: float, fractions=(0.25, 0.5, 0.75)) -> list[dict]:
         """Ack latency at fixed fractions of the sustained maximum, measured first on the same daemon."""
         out = []
         pre = self.prefix()
-        with self.daemon("kafka", {t: f"{pre}.{t}" for t in TYPES}) as (server, dp):
+        with self.daemon("kafka", self.topics(pre)) as (server, dp):
             peak = self.loadgen(server, dp, duration=seconds, connections=self.args.connections,
                                 batch_events=self.args.batch_events, event_bytes=self.args.event_bytes,
                                 events=200_000, drain_timeout=5)
@@ -409,7 +442,7 @@ def _progress(total: int, desc: str):
 def run_quick(b: Bench) -> dict:
     a = b.args
     n = a.events or 300_000
-    ceiling = b.ceiling(n)
+    ceiling = b.ceiling(n) if not a.server else {"daemon_events_per_cpu_s": None, "daemon_us_per_event": None}
     e2e = b.e2e(n)
     direct = b.direct("librdkafka", f"{b.prefix()}.direct", n)
     lat = b.latency(3.0, fractions=(0.5,))[1]
@@ -421,7 +454,7 @@ def run_quick(b: Bench) -> dict:
         "direct_librdkafka_events_per_cpu_s": direct["client_events_per_cpu_s"],
         "direct_librdkafka_us_per_event": direct["client_us_per_event"],
         "ratio_e2e_daemon_vs_direct_client_cpu_per_event": round(
-            e2e["daemon_us_per_event"] / direct["client_us_per_event"], 3),
+            e2e["daemon_us_per_event"] / direct["client_us_per_event"], 3) if e2e["daemon_us_per_event"] else None,
         "e2e_events_per_s": e2e["events_per_s"],
         "direct_librdkafka_events_per_s": direct["events_per_s"],
         "p99_ack_latency_ms_at_50pct": lat["ack_latency_ms"]["p99"],
@@ -506,10 +539,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fanin-connections", type=int, default=500)
     ap.add_argument("--fanin-batch-events", type=int, default=20)
     ap.add_argument("--kafka", help="use this Kafka cluster instead of starting Tansu")
+    ap.add_argument("--server", help="use this running daemon (HOST:PORT) instead of starting one; its config "
+                    "decides topics (events.<type> assumed for verification) and sink")
+    ap.add_argument("--server-pid", type=int, help="pid of the --server daemon, for its CPU figures")
+    ap.add_argument("--types", default=DEFAULT_TYPES, help="event types, comma separated (sent round-robin)")
     ap.add_argument("--linger-ms", type=int, help="the daemon's [kafka] linger_ms (default: its default)")
     ap.add_argument("--output", help="write the full results JSON here (default benchmarks/results/)")
     args = ap.parse_args(argv)
     args.scenarios = set(args.scenarios.split(","))
+    if args.server:
+        if not args.kafka:
+            ap.error("--server needs --kafka (the broker that daemon writes to)")
+        dropped = args.scenarios & {"ceiling", "isolation"}
+        if dropped:
+            print(f"with --server, skipping {', '.join(sorted(dropped))} (they configure their own daemon)",
+                  file=sys.stderr)
+        args.scenarios -= dropped
     for m in ("psutil", "confluent_kafka"):
         _need(m)
     b = Bench(args)
