@@ -80,6 +80,13 @@ class _HangingSink:
         batches.clear()
 
 
+async def _until(cond, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
 def _ingest(router: Router, target: _Target, seq: int, types: list[bytes], n: int) -> None:
     enc = fp.BatchEncoder()
     for i in range(n):
@@ -105,11 +112,12 @@ async def test_hung_type_is_shed_after_stall_timeout():
     router.start()
     target = _Target()
     try:
+        t0 = time.monotonic()
         _ingest(router, target, 1, [b"fast", b"hung"], 100)
-        await asyncio.sleep(0.1)
-        assert (1, 0, Status.PERSISTED, 100) in target.answers  # "fast" is type index 0
+        await _until(lambda: (1, 0, Status.PERSISTED, 100) in target.answers)  # "fast" is type index 0
         assert not any(a[1] == 1 for a in target.answers)  # "hung" still waiting
-        await asyncio.sleep(0.6)
+        await _until(lambda: any(a[1] == 1 for a in target.answers))
+        assert time.monotonic() - t0 >= 0.3  # not before stall_timeout_ms
         retry = [a for a in target.answers if a[1] == 1]
         assert retry == [(1, 1, Status.RETRY_LATER, 100, Reason.KAFKA_UNAVAILABLE, 10_000)]
         hung = router.lanes["hung"]
@@ -128,7 +136,6 @@ async def test_hung_type_is_shed_after_stall_timeout():
         for ti, _status, _reason, count, _idx, ring in results:
             if ring is not None:
                 ring.lane.add_segment(target, 2, ti, count)
-        await asyncio.sleep(0.1)
-        assert sink.sent[types["fast"].topic] == 101
+        await _until(lambda: sink.sent[types["fast"].topic] == 101)
     finally:
         await router.stop(time.monotonic())

@@ -185,10 +185,12 @@ def encode_frame(int frame_type, body):
 cdef class FrameReader:
     """Splits whole, checksum-verified frames out of a byte stream.
 
-    ``feed(data)`` then ``next_frame()`` until it returns -1. Complete frames
-    are parsed straight out of ``data`` without copying; only a trailing
-    partial frame is copied into the reader's own buffer, which grows to at
-    most one frame. A bad frame raises ``ProtocolError`` with its code.
+    ``feed(data)`` then ``next_frame()`` until it returns -1. While no partial
+    frame is pending, complete frames are parsed straight out of ``data``
+    without copying and only a trailing partial frame is copied into the
+    reader's own buffer; while one is pending, the next chunk is appended to
+    that buffer (so the buffer holds at most one frame plus one chunk). A bad
+    frame raises ``ProtocolError`` with its code.
     """
     cdef:
         unsigned char *_buf
@@ -471,7 +473,7 @@ cdef class TypeRing:
         cdef unsigned char *p
         cdef const unsigned char *key = ev + EVENT_HEADER_BYTES
         eb_st32(e, <uint32_t>(n - ENTRY_HEADER_BYTES))
-        eb_st32(e + 4, eb_murmur2(key, klen) if klen else 0)
+        eb_st32(e + 4, eb_murmur2(key, klen) if klen and self.by_key else 0)
         eb_st32(e + 8, 1 if klen else 0)
         eb_st32(e + 12, 0)
         eb_st64(e + 16, <uint64_t>ts)
@@ -722,7 +724,7 @@ cdef class Router:
         self.max_events_per_batch = max_events_per_batch
         self.max_event_bytes = max_event_bytes
 
-    def add(self, TypeRing ring):
+    def add(self, TypeRing ring not None):
         self._rings[ring.name_bytes] = ring
 
     def remove(self, str name):
@@ -734,7 +736,7 @@ cdef class Router:
     def rings(self):
         return list(self._rings.values())
 
-    def ingest(self, FrameReader reader, int64_t now_ms):
+    def ingest(self, FrameReader reader not None, int64_t now_ms):
         """Split the reader's current EVENT_BATCH frame into the rings.
 
         Returns ``(batch_seq, type_names, results)``; ``results`` is a list of
@@ -954,9 +956,18 @@ cdef class BatchEncoder:
         cdef int ti = self.type_index(type_name)
         cdef bint has_key = key is not None
         PyObject_GetBuffer(event_id, &iv, PyBUF_SIMPLE)
-        PyObject_GetBuffer(value, &vv, PyBUF_SIMPLE)
+        try:
+            PyObject_GetBuffer(value, &vv, PyBUF_SIMPLE)
+        except BaseException:
+            PyBuffer_Release(&iv)
+            raise
         if has_key:
-            PyObject_GetBuffer(key, &kv, PyBUF_SIMPLE)
+            try:
+                PyObject_GetBuffer(key, &kv, PyBUF_SIMPLE)
+            except BaseException:
+                PyBuffer_Release(&iv)
+                PyBuffer_Release(&vv)
+                raise
         try:
             if iv.len != 16:
                 raise ValueError("event_id must be 16 bytes")

@@ -246,6 +246,8 @@ async def _tail(args: argparse.Namespace) -> int:
                     seen += 1
                     if args.max_events is not None and seen >= args.max_events:
                         break
+                if args.max_events is not None and seen >= args.max_events:
+                    break
             out.flush()
     finally:
         await consumer.stop()

@@ -2,7 +2,8 @@
 
 One root, ``EventBrokerError``, and a few families under it:
 
-* ``ConfigError`` (also a ``ValueError``): misuse or a bad configuration file.
+* ``UsageError`` (also a ``ValueError``): misuse of the API; ``ConfigError``,
+  a bad configuration file or option, is one.
 * ``ProtocolError``: the peer broke the wire protocol; carries the error code
   sent in the ERROR frame.
 * ``DeliveryError``: an event was not delivered; ``retriable`` says whether
@@ -18,7 +19,11 @@ class EventBrokerError(Exception):
     """Root of every eventbroker exception."""
 
 
-class ConfigError(EventBrokerError, ValueError):
+class UsageError(EventBrokerError, ValueError):
+    """The API was called with invalid arguments."""
+
+
+class ConfigError(UsageError):
     """A configuration file or argument is invalid."""
 
 

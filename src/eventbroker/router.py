@@ -41,9 +41,6 @@ from eventbroker.sinks import ProduceFailed, Sink
 
 log = logging.getLogger("eventbroker.router")
 
-# Produce errors that no retry fixes: record too large, invalid topic,
-# authorization failed, invalid record.
-_FATAL_PRODUCE_CODES = {10, 17, 29, 87}
 _FATAL_METADATA = (UnknownTopicOrPartitionError, InvalidTopicError, TopicAuthorizationFailedError)
 
 
@@ -170,6 +167,17 @@ class Lane:
     # the drain loop
 
     async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                await self._drain()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not silently stop a type
+                log.exception("type %s: drain loop failed; handing its events back", self.etype.name)
+                self.shed("internal error in the drain loop")
+                await asyncio.sleep(self._shed_backoff_s)
+
+    async def _drain(self) -> None:
         ring = self.ring
         kcfg = self._kcfg
         linger_s = kcfg.linger_ms / 1000
@@ -194,7 +202,9 @@ class Lane:
             if self.sink.builds_batches:
                 t = asyncio.get_running_loop().create_task(self._deliver(unit))
                 self._sends.add(t)
-                t.add_done_callback(self._sends.discard)
+                # Released here, not in _deliver: a task cancelled before its
+                # first step never runs its own finally clause.
+                t.add_done_callback(self._send_done)
             else:
                 self._finish(unit)
                 self._slots.release()
@@ -247,7 +257,6 @@ class Lane:
 
     async def _deliver(self, unit: Unit) -> None:
         backoff = self._kcfg.retry_backoff_ms / 1000
-        max_backoff = self._kcfg.retry_backoff_max_ms / 1000
         try:
             while True:
                 try:
@@ -257,16 +266,23 @@ class Lane:
                     raise
                 except Exception as e:
                     self._note_failure(f"produce to {self.etype.topic} failed: {e!r}")
-                    if isinstance(e, ProduceFailed) and any(
-                        code in _FATAL_PRODUCE_CODES for code in e.codes.values()
-                    ):
-                        self.shed(f"Kafka refuses writes to {self.etype.topic}: {e}")
+                    if isinstance(e, ProduceFailed) and not e.retriable:
+                        hint = (" (lower kafka.batch_max_bytes below the topic's max.message.bytes)"
+                                if 10 in e.codes.values() else "")
+                        self.shed(f"Kafka refuses writes to {self.etype.topic}: {e}{hint}")
                         return
                     await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, max_backoff)
+                    backoff = self._next_backoff(backoff)
             self._finish(unit)
-        finally:
-            self._slots.release()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug: hand the type's events back rather than stall it
+            log.exception("type %s: delivery failed unexpectedly", self.etype.name)
+            self.shed("internal error while delivering")
+
+    def _send_done(self, task: asyncio.Task[None]) -> None:
+        self._sends.discard(task)
+        self._slots.release()
 
     def _finish(self, unit: Unit) -> None:
         if unit.done:
@@ -288,6 +304,9 @@ class Lane:
             u = units.popleft()
             self.ring.release(u.n_bytes, u.end_seq, u.end_off)
 
+    def _next_backoff(self, seconds: float) -> float:
+        return min(seconds * 2, self._kcfg.retry_backoff_max_ms / 1000)
+
     # liveness
 
     async def _watch(self) -> None:
@@ -295,21 +314,27 @@ class Lane:
         stall_s = self._kcfg.stall_timeout_ms / 1000
         while not self._stopping:
             await asyncio.sleep(max(0.05, stall_s / 4))
-            if self.state is LaneState.OPEN:
-                continue
-            now = time.monotonic()
-            oldest = self._units[0].created if self._units else 0.0
-            if oldest and now - oldest > stall_s:
-                self.shed(f"no delivery to {self.etype.topic} for {now - oldest:.1f}s")
-            elif self._metadata_failing_since and now - self._metadata_failing_since > stall_s:
-                self.shed(f"no metadata for {self.etype.topic} for {now - self._metadata_failing_since:.1f}s")
+            try:
+                self._check_stall(stall_s)
+            except Exception:
+                log.exception("type %s: watchdog failed", self.etype.name)
+
+    def _check_stall(self, stall_s: float) -> None:
+        if self.state is LaneState.OPEN:
+            return
+        now = time.monotonic()
+        oldest = self._units[0].created if self._units else 0.0
+        if oldest and now - oldest > stall_s:
+            self.shed(f"no delivery to {self.etype.topic} for {now - oldest:.1f}s")
+        elif self._metadata_failing_since and now - self._metadata_failing_since > stall_s:
+            self.shed(f"no metadata for {self.etype.topic} for {now - self._metadata_failing_since:.1f}s")
 
     def shed(self, why: str) -> None:
         """Answer everything this type holds retry-later, drop it, stop accepting."""
         if self.state is LaneState.OPEN:
             return
         if self.state is LaneState.HALF_OPEN:  # the probe failed: back off further
-            self._shed_backoff_s = min(self._shed_backoff_s * 2, self._kcfg.retry_backoff_max_ms / 1000)
+            self._shed_backoff_s = self._next_backoff(self._shed_backoff_s)
         self.state = LaneState.OPEN
         self.ring.accepting = False
         self.stats.sheds += 1
@@ -347,7 +372,7 @@ class Lane:
             self._partitions = await self.sink.partitions(self.etype.topic)
         except Exception as e:
             self._note_failure(f"probe of {self.etype.topic}: {e!r}")
-            self._shed_backoff_s = min(self._shed_backoff_s * 2, self._kcfg.retry_backoff_max_ms / 1000)
+            self._shed_backoff_s = self._next_backoff(self._shed_backoff_s)
             return
         log.info("type %s: topic %s answers again; accepting events", self.etype.name, self.etype.topic)
         self.state = LaneState.HALF_OPEN

@@ -109,6 +109,10 @@ class IngestProtocol(asyncio.Protocol):
                 self._fatal(e.code, e.message)
         except Exception:  # a bug here must not take the daemon down
             log.exception("internal error on connection from %s", self.peer)
+            # Rings may hold events of this batch with no segment to answer for
+            # them; hand everything back (retry-later) so no ack is ever wrong.
+            for lane in self._server.router.lanes.values():
+                lane.shed("internal error while accepting a batch")
             self._fatal(ErrorCode.INTERNAL, "internal error")
 
     def eof_received(self) -> bool | None:
@@ -177,10 +181,13 @@ class IngestProtocol(asyncio.Protocol):
                 continue
             retry_ms = 0
             if status == Status.RETRY_LATER:
-                if server.draining:
-                    reason = Reason.SHUTTING_DOWN
                 lane = server.router.lane_for(names[ti])
-                retry_ms = lane.retry_after_ms if reason == Reason.KAFKA_UNAVAILABLE and lane else 200
+                if reason == Reason.KAFKA_UNAVAILABLE and lane is not None:
+                    retry_ms = lane.retry_after_ms
+                else:
+                    retry_ms = 200
+                    if server.draining:
+                        reason = Reason.SHUTTING_DOWN
             now_entries.append(AckEntry(ti, status, reason, count, retry_ms, tuple(indices or ())))
         if now_entries or not results:
             # Listed (per-event) entries first, as the protocol asks. A batch
@@ -189,16 +196,14 @@ class IngestProtocol(asyncio.Protocol):
             self._write(Ack(seq, tuple(now_entries)).encode())
 
     def part_persisted(self, batch_seq: int, type_index: int, count: int) -> None:
-        entry = AckEntry(type_index, Status.PERSISTED, Reason.NONE, count)
-        self._parts_owed -= 1
-        self._pending_acks.setdefault(batch_seq, []).append(entry)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_acks)
+        self._queue_ack(batch_seq, AckEntry(type_index, Status.PERSISTED, Reason.NONE, count))
 
     def part_retry(self, batch_seq: int, type_index: int, count: int, reason: int, retry_after_ms: int) -> None:
         """An accepted part could not be delivered: the producer must send it again."""
-        entry = AckEntry(type_index, Status.RETRY_LATER, reason, count, retry_after_ms)
+        self._queue_ack(batch_seq, AckEntry(type_index, Status.RETRY_LATER, reason, count, retry_after_ms))
+
+    def _queue_ack(self, batch_seq: int, entry: AckEntry) -> None:
+        """Answer one accepted part; ACK frames go out once per loop iteration."""
         self._parts_owed -= 1
         self._pending_acks.setdefault(batch_seq, []).append(entry)
         if not self._flush_scheduled:
@@ -234,6 +239,11 @@ class IngestProtocol(asyncio.Protocol):
         self._write(ErrorFrame(code, message).encode())
         self._state = _CLOSED
         self.closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def close(self) -> None:
+        """Close after what is buffered (ACKs) has been written."""
         if self._transport is not None:
             self._transport.close()
 
@@ -304,7 +314,12 @@ class IngestServer:
         while not self.router.idle and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 2.0) -> None:
+        for conn in list(self._conns):
+            conn.close()
+        deadline = time.monotonic() + grace_s
+        while self._conns and time.monotonic() < deadline:  # noqa: ASYNC110 - stopping only
+            await asyncio.sleep(0.01)
         for conn in list(self._conns):
             conn.abort()
         if self._server is not None:

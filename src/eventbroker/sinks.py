@@ -32,6 +32,7 @@ from aiokafka.protocol.produce import (
 from aiokafka.structs import TopicPartition
 
 from eventbroker.config import EventType, KafkaConfig
+from eventbroker.errors import DeliveryError
 
 log = logging.getLogger("eventbroker.sinks")
 
@@ -100,14 +101,16 @@ def encode_produce_body(topic: bytes, parts: list[tuple[int, bytes]], timeout_ms
 _METADATA_ERRORS = {3, 5, 6, 9, 13, 14, 15, 16, 19, 20}
 
 
-class ProduceFailed(Exception):
+class ProduceFailed(DeliveryError):
     """Some partitions of a unit were not acknowledged. ``errors`` describes
-    each; ``codes`` holds the Kafka error code where the broker gave one."""
+    each; ``codes`` holds the Kafka error code where the broker gave one.
+    ``retriable`` is False when a broker error says retrying cannot help."""
 
     def __init__(self, topic: str, errors: dict[int, str], codes: dict[int, int] | None = None) -> None:
         super().__init__(f"{topic}: " + ", ".join(f"partition {p}: {e}" for p, e in sorted(errors.items())))
         self.errors = errors
         self.codes = codes or {}
+        self.retriable = all(Errors.for_code(c).retriable or c in _METADATA_ERRORS for c in self.codes.values())
 
 
 class Sink(Protocol):

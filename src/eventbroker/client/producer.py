@@ -24,7 +24,7 @@ from typing import Any, cast
 
 from eventbroker import _fastpath as fp
 from eventbroker.config import parse_host_port
-from eventbroker.errors import EventRejected, ProducerClosed, ServerError
+from eventbroker.errors import EventRejected, ProducerClosed, ServerError, UsageError
 from eventbroker.protocol import (
     MAX_KEY_BYTES,
     MAX_TYPE_NAME_BYTES,
@@ -181,7 +181,7 @@ class Producer:
         if isinstance(servers, str):
             servers = [s for s in servers.split(",") if s]
         if not servers:
-            raise ValueError("at least one server address is needed")
+            raise UsageError("at least one server address is needed")
         self._servers = [parse_host_port(s) for s in servers]
         self._server_idx = 0
         self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -283,11 +283,11 @@ class Producer:
             await self._space.wait()
         type_b = event_type.encode("utf-8")
         if not 0 < len(type_b) <= MAX_TYPE_NAME_BYTES:
-            raise ValueError("event type name must be 1..255 bytes of UTF-8")
+            raise UsageError("event type name must be 1..255 bytes of UTF-8")
         if key is not None and len(key) > MAX_KEY_BYTES:
-            raise ValueError(f"key longer than {MAX_KEY_BYTES} bytes")
+            raise UsageError(f"key longer than {MAX_KEY_BYTES} bytes")
         if event_id is not None and (len(event_id) != 16 or not any(event_id)):
-            raise ValueError("event_id must be 16 bytes, not all zero")
+            raise UsageError("event_id must be 16 bytes, not all zero")
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         eid = event_id if event_id is not None else self._ids()
         ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
