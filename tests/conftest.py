@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ import uvloop
 
 from eventbroker.config import Config, EventTypeConfig, KafkaConfig, ServerConfig
 from eventbroker.daemon import Daemon
-from eventbroker.embedded import EmbeddedKafka
+from eventbroker.embedded import EmbeddedKafka, wait_for_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -157,6 +159,16 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
         return out
     finally:
         c.close()
+
+
+def serve_daemon(conf, port: int, log) -> subprocess.Popen:
+    """``eventbroker serve`` as its own process on 127.0.0.1:port; returns once it listens."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eventbroker.cli", "serve", "--config", str(conf), "--listen", f"127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )
+    wait_for_port("127.0.0.1", port, 60, proc)
+    return proc
 
 
 def record_headers(m) -> dict[str, bytes]:

@@ -6,24 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 
 import msgspec
 import pytest
 
-from conftest import make_config, read_topic, record_headers
+from conftest import make_config, read_topic, record_headers, serve_daemon
 from eventbroker.client import Producer
-from eventbroker.embedded import free_port, wait_for_port
-
-
-def _serve(conf, port: int, log) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eventbroker.cli", "serve", "--config", str(conf), "--listen", f"127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    wait_for_port("127.0.0.1", port, 60, proc)
-    return proc
+from eventbroker.embedded import free_port
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
@@ -33,7 +22,7 @@ async def test_sigkill_daemon_mid_stream_loses_no_acked_event(tmp_path, kafka_bo
     conf.write_bytes(msgspec.toml.encode(cfg))
     port = free_port()
     log = open(tmp_path / "serve.log", "wb")  # noqa: ASYNC230, SIM115 - closed below
-    first = _serve(conf, port, log)
+    first = serve_daemon(conf, port, log)
     total = 30_000
     acked_before_kill: set[bytes] = set()
     second = None
@@ -56,7 +45,7 @@ async def test_sigkill_daemon_mid_stream_loses_no_acked_event(tmp_path, kafka_bo
                 acked_before_kill = {f.result() for f in futs if f.done() and not f.exception()}
                 os.kill(first.pid, signal.SIGKILL)
                 first.wait()
-                second = await asyncio.get_running_loop().run_in_executor(None, _serve, conf, port, log)
+                second = await asyncio.get_running_loop().run_in_executor(None, serve_daemon, conf, port, log)
 
             await asyncio.gather(produce(), kill_and_restart())
             await p.flush(timeout_s=120)

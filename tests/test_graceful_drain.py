@@ -5,25 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
 import time
 
 import msgspec
 import pytest
 
-from conftest import make_config, read_topic, record_headers
+from conftest import make_config, read_topic, record_headers, serve_daemon
 from eventbroker.client import Producer
-from eventbroker.embedded import free_port, wait_for_port
-
-
-def _serve(conf, port: int, log) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eventbroker.cli", "serve", "--config", str(conf), "--listen", f"127.0.0.1:{port}"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )
-    wait_for_port("127.0.0.1", port, 60, proc)
-    return proc
+from eventbroker.embedded import free_port
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
@@ -34,8 +23,8 @@ async def test_sigterm_moves_producers_to_the_other_gateway(tmp_path, kafka_boot
     port_a, port_b = free_port(), free_port()
     log_a = open(tmp_path / "a.log", "wb")  # noqa: ASYNC230, SIM115 - closed below
     log_b = open(tmp_path / "b.log", "wb")  # noqa: ASYNC230, SIM115
-    a = _serve(conf, port_a, log_a)
-    b = _serve(conf, port_b, log_b)
+    a = serve_daemon(conf, port_a, log_a)
+    b = serve_daemon(conf, port_b, log_b)
     total = 20_000
     try:
         async with Producer([f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"], linger_ms=2) as p:
