@@ -56,6 +56,11 @@ class FrameReader:
 # (partition, record batch bytes, record count)
 KafkaBatch = tuple[int, bytes, int]
 
+class MemoryBudget:
+    used_bytes: int
+    limit_bytes: int
+    def __init__(self, limit_bytes: int) -> None: ...
+
 class TypeRing:
     name: str
     name_bytes: bytes
@@ -69,6 +74,7 @@ class TypeRing:
     pending_bytes: int
     events_in: int
     lane: Any
+    admit_limit_bytes: int
     def __init__(
         self,
         name: str,
@@ -81,6 +87,7 @@ class TypeRing:
     ) -> None: ...
     @property
     def free_bytes(self) -> int: ...
+    def attach_budget(self, budget: MemoryBudget, admit_limit_bytes: int) -> None: ...
     def build_unit(
         self, max_bytes: int, n_partitions: int, sticky_partition: int
     ) -> tuple[list[KafkaBatch], int, int, int, int] | None: ...

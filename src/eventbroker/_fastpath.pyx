@@ -384,6 +384,17 @@ cdef struct _PartState:
 
 
 @cython.final
+cdef class MemoryBudget:
+    """Bytes held by all rings together, against one limit (server.memory_budget_bytes)."""
+    cdef readonly Py_ssize_t used_bytes
+    cdef public Py_ssize_t limit_bytes
+
+    def __init__(self, Py_ssize_t limit_bytes):
+        self.limit_bytes = limit_bytes
+        self.used_bytes = 0
+
+
+@cython.final
 cdef class TypeRing:
     """One event type's buffer, bounded in bytes, drained in whole runs.
 
@@ -405,6 +416,10 @@ cdef class TypeRing:
     cdef readonly Py_ssize_t pending_bytes
     cdef readonly unsigned long long events_in
     cdef public object lane
+    # Parts are admitted while the shared budget stays under this many bytes
+    # (a priority's share of the budget); 0: no shared budget.
+    cdef public Py_ssize_t admit_limit_bytes
+    cdef MemoryBudget _budget
     cdef list _chunks
     cdef Py_ssize_t _read_idx
     cdef Py_ssize_t _read_off
@@ -440,6 +455,14 @@ cdef class TypeRing:
     @property
     def free_bytes(self):
         return self.capacity_bytes - self.used_bytes
+
+    def attach_budget(self, MemoryBudget budget not None, Py_ssize_t admit_limit_bytes):
+        """Count this ring's bytes in ``budget``; admit parts while it stays under the limit."""
+        if self._budget is not None:
+            self._budget.used_bytes -= self.used_bytes
+        self._budget = budget
+        budget.used_bytes += self.used_bytes
+        self.admit_limit_bytes = admit_limit_bytes
 
     cdef inline Py_ssize_t _entry_bytes(self, Py_ssize_t klen, Py_ssize_t vlen):
         cdef Py_ssize_t tail = (eb_varint_size(klen if klen else -1) + klen
@@ -502,6 +525,8 @@ cdef class TypeRing:
         p[11] = 16
         eb_st64(p + 12, <uint64_t>now_ms)
         self.used_bytes += n
+        if self._budget is not None:
+            self._budget.used_bytes += n
         self.pending_bytes += n
         self.pending_events += 1
         self.events_in += 1
@@ -673,6 +698,8 @@ cdef class TypeRing:
             self._chunks = [c]
         self._read_idx = 0
         self._read_off = 0
+        if self._budget is not None:
+            self._budget.used_bytes -= self.used_bytes
         self.used_bytes = 0
         self.pending_bytes = 0
         self.pending_events = 0
@@ -682,6 +709,8 @@ cdef class TypeRing:
         cdef Py_ssize_t drop = 0
         cdef _Chunk c
         self.used_bytes -= n_bytes
+        if self._budget is not None:
+            self._budget.used_bytes -= n_bytes
         while drop < len(self._chunks) - 1 and (<_Chunk>self._chunks[drop]).seq < end_seq:
             drop += 1
         if drop:
@@ -846,6 +875,14 @@ cdef class Router:
                 # An empty ring always takes one part, so any valid batch makes
                 # progress; the bound is capacity plus one frame's worth.
                 if ring.used_bytes and acc[i].bytes_ok > ring.capacity_bytes - ring.used_bytes:
+                    results.append((i, C_STATUS_RETRY_LATER, C_REASON_OVERLOADED, acc[i].n_ok, None, None))
+                    continue
+                # The shared budget: each priority is admitted up to its share
+                # (low types are refused first). At the top share an empty ring
+                # still takes one part, so critical types always progress.
+                if (ring._budget is not None and ring.admit_limit_bytes
+                        and ring._budget.used_bytes + acc[i].bytes_ok > ring.admit_limit_bytes
+                        and not (ring.used_bytes == 0 and ring.admit_limit_bytes >= ring._budget.limit_bytes)):
                     results.append((i, C_STATUS_RETRY_LATER, C_REASON_OVERLOADED, acc[i].n_ok, None, None))
                     continue
                 acc[i].status = C_STATUS_ACCEPTED

@@ -26,6 +26,8 @@ Priority = Literal["critical", "high", "normal", "low"]
 Partitioning = Literal["key", "spread"]
 
 PRIORITY_ORDER: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3}
+# Share of server.memory_budget_bytes up to which each priority is admitted.
+PRIORITY_BUDGET_SHARE: dict[str, float] = {"critical": 1.0, "high": 0.85, "normal": 0.70, "low": 0.50}
 
 
 class _Base(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
@@ -40,6 +42,10 @@ class ServerConfig(_Base, frozen=True):
     max_events_per_batch: Annotated[int, Meta(ge=1, le=1_000_000)] = 65536
     heartbeat_interval_ms: Annotated[int, Meta(ge=100)] = 5000
     drain_timeout_ms: Annotated[int, Meta(ge=0)] = 10_000
+    # All types' buffers together. Under pressure low types are answered
+    # retry-later first (above 50% of it), then normal (70%), then high (85%);
+    # critical types are admitted up to the whole budget.
+    memory_budget_bytes: Annotated[int, Meta(ge=1024 * 1024)] = 256 * 1024 * 1024
 
     def __post_init__(self) -> None:
         try:
@@ -48,6 +54,8 @@ class ServerConfig(_Base, frozen=True):
             raise ValueError(f"listen: {e}") from None
         if self.max_event_bytes > self.max_frame_bytes:
             raise ValueError("max_event_bytes: must not exceed max_frame_bytes")
+        if self.memory_budget_bytes < 4 * self.max_frame_bytes:
+            raise ValueError("memory_budget_bytes: must be at least 4 times max_frame_bytes")
 
 
 class KafkaConfig(_Base, frozen=True):

@@ -35,7 +35,7 @@ from aiokafka.errors import (
 )
 
 from eventbroker import _fastpath as fp
-from eventbroker.config import PRIORITY_ORDER, EventType, KafkaConfig, ServerConfig
+from eventbroker.config import PRIORITY_BUDGET_SHARE, PRIORITY_ORDER, EventType, KafkaConfig, ServerConfig
 from eventbroker.protocol import Reason
 from eventbroker.sinks import ProduceFailed, Sink
 
@@ -387,10 +387,13 @@ class Router:
             max_events_per_batch=server_cfg.max_events_per_batch,
             max_event_bytes=server_cfg.max_event_bytes,
         )
+        self.budget = fp.MemoryBudget(server_cfg.memory_budget_bytes)
         self.lanes: dict[str, Lane] = {}
         self._by_name: dict[bytes, Lane] = {}
         for name, et in types.items():
             lane = Lane(et, sink, kcfg, server_cfg)
+            share = PRIORITY_BUDGET_SHARE[et.priority]
+            lane.ring.attach_budget(self.budget, int(server_cfg.memory_budget_bytes * share))
             self.lanes[name] = lane
             self._by_name[lane.ring.name_bytes] = lane
             self.core.add(lane.ring)
