@@ -4,8 +4,10 @@ graceful stop on SIGTERM or SIGINT."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import resource
 import signal
 import time
 
@@ -16,6 +18,15 @@ from eventbroker.server import IngestServer
 from eventbroker.sinks import KafkaSink, NullSink, Sink
 
 log = logging.getLogger("eventbroker")
+
+
+def _raise_nofile_limit() -> None:
+    """One descriptor per producer connection: use all the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("raised the open-files limit from %d to %d", soft, hard)
 
 
 class Daemon:
@@ -31,6 +42,7 @@ class Daemon:
 
     async def start(self) -> None:
         kcfg = self.cfg.kafka
+        _raise_nofile_limit()
         if not self.types:
             log.warning(
                 "no event types configured: every event will be rejected as unknown_type. "
