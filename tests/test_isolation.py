@@ -87,11 +87,11 @@ async def _until(cond, timeout_s: float = 10.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def _ingest(router: Router, target: _Target, seq: int, types: list[bytes], n: int) -> None:
+def _ingest(router: Router, target: _Target, seq: int, types: list[bytes], n: int, size: int = 50) -> None:
     enc = fp.BatchEncoder()
     for i in range(n):
         for t in types:
-            enc.add(t, struct.pack(">QQ", seq, i + 1), 1, None, b"x" * 50)
+            enc.add(t, struct.pack(">QQ", seq, i + 1), 1, None, b"x" * size)
     reader = fp.FrameReader(1 << 24)
     reader.feed(enc.finish(seq))
     reader.next_frame()
@@ -139,3 +139,42 @@ async def test_hung_type_is_shed_after_stall_timeout():
         await _until(lambda: sink.sent[types["fast"].topic] == 101)
     finally:
         await router.stop(time.monotonic())
+
+
+class _SlowSink:
+    """Every produce takes a while: the broker is the bottleneck."""
+
+    builds_batches = True
+
+    def __init__(self) -> None:
+        self.order: list[str] = []
+
+    async def partitions(self, topic: str) -> int:
+        return 1
+
+    async def send(self, topic, batches):
+        self.order.append(topic.rsplit(".", 1)[-1])
+        await asyncio.sleep(0.03)
+        batches.clear()
+
+
+async def test_critical_types_go_first_when_kafka_is_slow():
+    cfg = make_config("unused:1", {"aaa_low": {"priority": "low"}, "zzz_critical": {"priority": "critical"}},
+                      kafka={"max_inflight_requests": 1, "batch_max_bytes": 1024, "linger_ms": 0})
+    types = resolve_types(cfg)
+    sink = _SlowSink()
+    router = Router(types, sink, cfg.kafka, cfg.server)
+    target = _Target()
+    for seq in range(1, 6):  # five one-event units of each type, all waiting
+        _ingest(router, target, seq, [b"aaa_low", b"zzz_critical"], 1, size=900)
+    router.start()
+    try:
+        await _until(lambda: len(target.answers) == 10)
+    finally:
+        await router.stop(time.monotonic())
+    assert sink.order.count("zzz_critical") == 5 and sink.order.count("aaa_low") == 5
+    # Whoever got the first request, every critical unit is sent before a
+    # second low one: the shared request slot is handed out by priority.
+    last_critical = max(i for i, t in enumerate(sink.order) if t == "zzz_critical")
+    second_low = [i for i, t in enumerate(sink.order) if t == "aaa_low"][1]
+    assert last_critical < second_low, sink.order

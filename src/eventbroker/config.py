@@ -67,6 +67,9 @@ class KafkaConfig(_Base, frozen=True):
     linger_ms: Annotated[int, Meta(ge=0, le=10_000)] = 2
     batch_max_bytes: Annotated[int, Meta(ge=1024)] = 1_000_000
     max_inflight_batches_per_type: Annotated[int, Meta(ge=1, le=64)] = 4
+    # Produce requests in flight over all types; when they are all taken,
+    # waiting types are served by priority (critical first).
+    max_inflight_requests: Annotated[int, Meta(ge=1, le=1024)] = 32
     request_timeout_ms: Annotated[int, Meta(ge=100)] = 30_000
     retry_backoff_ms: Annotated[int, Meta(ge=1)] = 100
     retry_backoff_max_ms: Annotated[int, Meta(ge=1)] = 5_000

@@ -22,6 +22,8 @@ ACK entry. All of this is per batch part, never per event.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import time
 from collections import deque
@@ -78,6 +80,37 @@ class Unit:
         self.created = time.monotonic()
 
 
+class PrioritySlots:
+    """A counting semaphore whose waiters are served by priority rank, then
+    in arrival order: when Kafka is slow, critical types' units go first."""
+
+    def __init__(self, slots: int) -> None:
+        self._free = slots
+        self._waiters: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()
+
+    async def acquire(self, rank: int) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiters, (rank, next(self._seq), fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # granted just as we were cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self._free += 1
+
+
 class LaneState(Enum):
     CLOSED = "delivering"  # healthy
     OPEN = "shedding"  # answering retry-later, probing
@@ -103,8 +136,16 @@ class _Shed(Exception):
 class Lane:
     """Drains one type's ring into the sink."""
 
-    def __init__(self, etype: EventType, sink: Sink, kcfg: KafkaConfig, server_cfg: ServerConfig) -> None:
+    def __init__(
+        self,
+        etype: EventType,
+        sink: Sink,
+        kcfg: KafkaConfig,
+        server_cfg: ServerConfig,
+        requests: PrioritySlots | None = None,
+    ) -> None:
         self.etype = etype
+        self._requests = requests or PrioritySlots(kcfg.max_inflight_requests)
         self.sink = sink
         self.ring = fp.TypeRing(
             etype.name,
@@ -200,6 +241,13 @@ class Lane:
                 self._slots.release()
                 continue
             if self.sink.builds_batches:
+                # The shared request slots: when Kafka is slow, the most
+                # important types' units are sent first.
+                try:
+                    await self._requests.acquire(self.priority_rank)
+                except BaseException:
+                    self._slots.release()
+                    raise
                 t = asyncio.get_running_loop().create_task(self._deliver(unit))
                 self._sends.add(t)
                 # Released here, not in _deliver: a task cancelled before its
@@ -283,6 +331,7 @@ class Lane:
     def _send_done(self, task: asyncio.Task[None]) -> None:
         self._sends.discard(task)
         self._slots.release()
+        self._requests.release()
 
     def _finish(self, unit: Unit) -> None:
         if unit.done:
@@ -388,10 +437,11 @@ class Router:
             max_event_bytes=server_cfg.max_event_bytes,
         )
         self.budget = fp.MemoryBudget(server_cfg.memory_budget_bytes)
+        self.requests = PrioritySlots(kcfg.max_inflight_requests)
         self.lanes: dict[str, Lane] = {}
         self._by_name: dict[bytes, Lane] = {}
         for name, et in types.items():
-            lane = Lane(et, sink, kcfg, server_cfg)
+            lane = Lane(et, sink, kcfg, server_cfg, self.requests)
             share = PRIORITY_BUDGET_SHARE[et.priority]
             lane.ring.attach_budget(self.budget, int(server_cfg.memory_budget_bytes * share))
             self.lanes[name] = lane
