@@ -178,3 +178,45 @@ async def test_critical_types_go_first_when_kafka_is_slow():
     last_critical = max(i for i, t in enumerate(sink.order) if t == "zzz_critical")
     second_low = [i for i, t in enumerate(sink.order) if t == "aaa_low"][1]
     assert last_critical < second_low, sink.order
+
+
+class _HangsOnceSink:
+    """The first produce never returns; later ones succeed (a broker that hung, then recovered)."""
+
+    builds_batches = True
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.sent = 0
+
+    async def partitions(self, topic: str) -> int:
+        return 1
+
+    async def send(self, topic, batches):
+        self.calls += 1
+        if self.calls == 1:
+            await asyncio.Event().wait()
+        self.sent += sum(c for _, _, c in batches)
+        batches.clear()
+
+
+async def test_idle_lane_recovers_after_shedding():
+    """Shed while the drain loop has nothing waiting (its only unit hung in
+    flight): it must still probe and take events again."""
+    cfg = make_config("unused:1", {"t": {}}, kafka={"stall_timeout_ms": 200, "retry_backoff_ms": 50, "linger_ms": 0})
+    types = resolve_types(cfg)
+    sink = _HangsOnceSink()
+    router = Router(types, sink, cfg.kafka, cfg.server)
+    router.start()
+    target = _Target()
+    lane = router.lanes["t"]
+    try:
+        _ingest(router, target, 1, [b"t"], 10)
+        await _until(lambda: lane.stats.sheds == 1)
+        assert target.answers[0][2] == Status.RETRY_LATER
+        await _until(lambda: lane.ring.accepting)  # probed and accepting again
+        _ingest(router, target, 2, [b"t"], 10)
+        await _until(lambda: (2, 0, Status.PERSISTED, 10) in target.answers)
+        assert lane.state is LaneState.CLOSED
+    finally:
+        await router.stop(time.monotonic())

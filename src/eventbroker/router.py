@@ -387,6 +387,7 @@ class Lane:
         self.state = LaneState.OPEN
         self.ring.accepting = False
         self.stats.sheds += 1
+        self._wakeup.set()  # the drain loop may be idle: it must start probing
         for t in list(self._sends):
             t.cancel()
         segments: dict[int, Segment] = {}
