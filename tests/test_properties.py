@@ -9,6 +9,7 @@ Kafka record batches are parsed with aiokafka's own reader.
 
 from __future__ import annotations
 
+import os
 import struct
 from collections import deque
 
@@ -20,8 +21,12 @@ from eventbroker import _fastpath as fp
 from eventbroker import protocol
 from eventbroker.errors import ProtocolError
 
+# CI runs a short version; a long fuzzing run is opt-in, e.g.
+#   EVENTBROKER_FUZZ_EXAMPLES=200000 pytest tests/test_properties.py
+# (200,000 examples per test, over a million inputs across the file).
+EXAMPLES = int(os.environ.get("EVENTBROKER_FUZZ_EXAMPLES", "250"))
 SETTINGS = settings(
-    max_examples=250,
+    max_examples=EXAMPLES,
     deadline=None,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -573,7 +578,7 @@ def batch_bodies(draw):
     return out
 
 
-@settings(SETTINGS, max_examples=500)
+@settings(SETTINGS, max_examples=2 * EXAMPLES)
 @given(body=batch_bodies(), now_ms=st.integers(0, 2**62), n_parts=st.integers(1, 3))
 def test_ingest_arbitrary_batch_body(body, now_ms, n_parts):
     """Router.ingest on any EVENT_BATCH body either raises ProtocolError (exactly when
