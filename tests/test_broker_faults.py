@@ -167,3 +167,48 @@ async def test_hung_broker_sigstop_then_sigcont(tmp_path):
     assert shed >= 1  # the stall was noticed and the type handed its events back
     assert acked_before <= found
     assert found == set(ids)
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_network_partition_to_the_broker(tmp_path):
+    """The daemon's connections to Kafka are cut and new ones refused for 2 s
+    (a partition), through a fault-injecting proxy the broker advertises."""
+    from faultproxy import FaultProxy
+
+    broker_port = free_port()
+    proxy = await FaultProxy("127.0.0.1", broker_port).start()
+    broker = EmbeddedKafka(port=broker_port, log_path=str(tmp_path / "tansu.log"),
+                           advertised=f"127.0.0.1:{proxy.port}").start()
+    cfg = make_config(f"127.0.0.1:{proxy.port}", {"play": {}}, kafka=FAULT_KAFKA)
+    total = 20_000
+    try:
+        d = Daemon(cfg)
+        await d.start()
+        try:
+            async with Producer(daemon_address(d), linger_ms=2) as p:
+
+                async def partition() -> None:
+                    proxy.cut()
+                    await asyncio.sleep(2.0)
+                    proxy.heal()
+
+                futs, acked_before = await _stream_with_fault(p, total, partition)
+                await p.flush(timeout_s=120)
+                ids = [f.result() for f in futs]
+                retried = p.stats["retried"]
+            shed = d.router.lanes["play"].stats.sheds
+        finally:
+            await d.stop()
+        # The broker advertises the proxy, which runs in this loop: read from a thread.
+        got = await asyncio.get_running_loop().run_in_executor(
+            None, read_topic, broker.bootstrap, cfg.types["play"].topic, total, 60.0)
+    finally:
+        await proxy.close()
+        broker.stop()
+    found = {record_headers(m)["eb.id"] for m in got}
+    print(f"\npartition 2s: sent {total}, acked in the end {len(ids)}, found {len(found)}, "
+          f"duplicates {len(got) - len(found)}, handed back and resent {retried}, lane sheds {shed}, "
+          f"proxy connections {proxy.connections}")
+    assert shed >= 1
+    assert acked_before <= found
+    assert found == set(ids)

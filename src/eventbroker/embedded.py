@@ -96,9 +96,12 @@ class EmbeddedKafka:
         storage: str = "memory://tansu/",
         env: dict[str, str] | None = None,
         log_path: str | None = None,
+        advertised: str | None = None,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
+        # HOST:PORT clients are told to use (a proxy in front, say); default: the listener.
+        self.advertised = advertised
         self.storage = storage
         self.env = env or {}
         self.log_path = log_path
@@ -119,7 +122,7 @@ class EmbeddedKafka:
             str(tansu_binary()),
             "broker",
             "--listener-url", url,
-            "--advertised-listener-url", url,
+            "--advertised-listener-url", f"tcp://{self.advertised}" if self.advertised else url,
             "--storage-engine", self.storage,
         ]
         env = {**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **self.env}

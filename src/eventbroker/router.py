@@ -167,6 +167,7 @@ class Lane:
         self._sticky = 0
         self._stopping = False
         self._metadata_failing_since = 0.0
+        self._last_failure_log = 0.0
         self.state = LaneState.CLOSED
         self._shed_backoff_s = kcfg.retry_backoff_ms / 1000
         self.stats = LaneStats()
@@ -299,8 +300,10 @@ class Lane:
 
     def _note_failure(self, what: str) -> None:
         self.stats.send_failures += 1
-        if what != self.stats.last_error:
+        now = time.monotonic()
+        if what != self.stats.last_error and now - self._last_failure_log > 1.0:  # at most 1/s
             log.warning("type %s: %s; retrying", self.etype.name, what)
+            self._last_failure_log = now
         self.stats.last_error = what
 
     async def _deliver(self, unit: Unit) -> None:
