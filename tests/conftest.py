@@ -161,6 +161,31 @@ def read_topic(bootstrap: str, topic: str, expected: int, timeout_s: float = 30.
         c.close()
 
 
+def read_ids(bootstrap: str, topic: str, want: set[bytes], timeout_s: float = 60.0) -> set[bytes]:
+    """The event ids (eb.id) of ``want`` found in ``topic``, reading until all are
+    seen or the time is up (for topics other producers write to as well)."""
+    import time
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"verify-{uuid.uuid4().hex}",
+                  "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+    found: set[bytes] = set()
+    try:
+        md = c.list_topics(topic, timeout=10)
+        c.assign([TopicPartition(topic, p, 0) for p in sorted(md.topics[topic].partitions)])
+        deadline = time.monotonic() + timeout_s
+        while not want <= found and time.monotonic() < deadline:
+            for m in c.consume(num_messages=50_000, timeout=0.2):
+                if not m.error():
+                    eid = dict(m.headers() or ()).get("eb.id")
+                    if eid in want:
+                        found.add(eid)
+    finally:
+        c.close()
+    return found
+
+
 def serve_daemon(conf, port: int, log) -> subprocess.Popen:
     """``eventbroker serve`` as its own process on 127.0.0.1:port; returns once it listens."""
     proc = subprocess.Popen(
