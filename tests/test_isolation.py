@@ -220,3 +220,41 @@ async def test_idle_lane_recovers_after_shedding():
         assert lane.state is LaneState.CLOSED
     finally:
         await router.stop(time.monotonic())
+
+
+class _RecordingHangSink:
+    builds_batches = True
+
+    def __init__(self) -> None:
+        self.sent_topics: list[str] = []
+
+    async def partitions(self, topic: str) -> int:
+        return 1
+
+    async def send(self, topic, batches):
+        self.sent_topics.append(topic.rsplit(".", 1)[-1])
+        await asyncio.Event().wait()  # never answers
+
+
+async def test_unit_shed_while_waiting_for_a_request_slot_is_never_sent():
+    """Its events were already handed back: sending them too would only make duplicates."""
+    cfg = make_config("unused:1", {"hog": {"priority": "critical"}, "low": {"priority": "low"}},
+                      kafka={"max_inflight_requests": 1, "stall_timeout_ms": 60_000, "linger_ms": 0,
+                             "retry_backoff_ms": 10_000})
+    types = resolve_types(cfg)
+    sink = _RecordingHangSink()
+    router = Router(types, sink, cfg.kafka, cfg.server)
+    router.start()
+    target = _Target()
+    try:
+        _ingest(router, target, 1, [b"hog"], 5)
+        await _until(lambda: sink.sent_topics == ["hog"])  # hog holds the only request slot
+        _ingest(router, target, 2, [b"low"], 5)
+        await asyncio.sleep(0.05)  # low's unit is built and waits for the slot
+        router.lanes["low"].shed("test: stalled while waiting")  # what the watchdog does
+        router.lanes["hog"].shed("test: stalled")  # frees the slot; low's waiter gets it
+        await asyncio.sleep(0.1)
+        assert sink.sent_topics == ["hog"]
+        assert {a[:3] for a in target.answers} == {(1, 0, Status.RETRY_LATER), (2, 0, Status.RETRY_LATER)}
+    finally:
+        await router.stop(time.monotonic())

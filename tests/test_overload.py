@@ -144,3 +144,23 @@ async def test_stalled_broker_bounded_memory_and_critical_first(tmp_path):
         log.close()
     assert len(read_topic(broker.bootstrap, cfg.types["pay"].topic, 10_001)) == 10_001
     broker.stop()
+
+
+def test_parts_of_one_batch_count_together_against_the_budget():
+    budget = 1_000_000
+    router = fp.Router(max_events_per_batch=100_000, max_event_bytes=1 << 20)
+    b = fp.MemoryBudget(budget)
+    for name in ("low1", "low2"):
+        ring = fp.TypeRing(name, capacity_bytes=1 << 30, max_event_bytes=1 << 20)
+        ring.attach_budget(b, int(budget * SHARE["low"]))
+        router.add(ring)
+    enc = fp.BatchEncoder()
+    for i in range(300):  # about 330 kB per type: each fits the 500 kB share alone, not both
+        for t in (b"low1", b"low2"):
+            enc.add(t, struct.pack(">QQ", 1 if t == b"low1" else 2, i + 1), 1, None, b"x" * 1000)
+    r = fp.FrameReader(1 << 24)
+    r.feed(enc.finish(1))
+    r.next_frame()
+    statuses = sorted(res[1] for res in router.ingest(r, 1)[2])
+    assert fp.STATUS_ACCEPTED in statuses and fp.STATUS_RETRY_LATER in statuses
+    assert b.used_bytes <= budget * SHARE["low"]

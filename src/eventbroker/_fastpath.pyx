@@ -786,6 +786,7 @@ cdef class Router:
         cdef object ro
         cdef const unsigned char *ev
         cdef Py_ssize_t start
+        cdef Py_ssize_t admitted = 0
         cdef int reason
         if b == NULL or reader.frame_type != C_FRAME_EVENT_BATCH:
             raise ValueError("reader is not positioned on an EVENT_BATCH frame")
@@ -881,10 +882,11 @@ cdef class Router:
                 # (low types are refused first). At the top share an empty ring
                 # still takes one part, so critical types always progress.
                 if (ring._budget is not None and ring.admit_limit_bytes
-                        and ring._budget.used_bytes + acc[i].bytes_ok > ring.admit_limit_bytes
+                        and ring._budget.used_bytes + admitted + acc[i].bytes_ok > ring.admit_limit_bytes
                         and not (ring.used_bytes == 0 and ring.admit_limit_bytes >= ring._budget.limit_bytes)):
                     results.append((i, C_STATUS_RETRY_LATER, C_REASON_OVERLOADED, acc[i].n_ok, None, None))
                     continue
+                admitted += acc[i].bytes_ok  # earlier parts of this batch count too
                 acc[i].status = C_STATUS_ACCEPTED
                 results.append((i, C_STATUS_ACCEPTED, C_REASON_NONE, acc[i].n_ok, None, ring))
             # Pass 2: copy accepted events into their rings.

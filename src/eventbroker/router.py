@@ -238,25 +238,34 @@ class Lane:
                 unit = await self._take_unit() if self.state is not LaneState.OPEN else None
             except _Shed:
                 unit = None
+            except BaseException:
+                self._slots.release()
+                raise
             if unit is None:
                 self._slots.release()
                 continue
-            if self.sink.builds_batches:
-                # The shared request slots: when Kafka is slow, the most
-                # important types' units are sent first.
+            if not self.sink.builds_batches:
                 try:
-                    await self._requests.acquire(self.priority_rank)
-                except BaseException:
+                    self._finish(unit)
+                finally:
                     self._slots.release()
-                    raise
-                t = asyncio.get_running_loop().create_task(self._deliver(unit))
-                self._sends.add(t)
-                # Released here, not in _deliver: a task cancelled before its
-                # first step never runs its own finally clause.
-                t.add_done_callback(self._send_done)
-            else:
-                self._finish(unit)
+                continue
+            # The shared request slots: when Kafka is slow, the most
+            # important types' units are sent first.
+            try:
+                await self._requests.acquire(self.priority_rank)
+            except BaseException:
                 self._slots.release()
+                raise
+            if unit.done:  # shed while we waited: its events were handed back
+                self._requests.release()
+                self._slots.release()
+                continue
+            t = asyncio.get_running_loop().create_task(self._deliver(unit))
+            self._sends.add(t)
+            # Released here, not in _deliver: a task cancelled before its
+            # first step never runs its own finally clause.
+            t.add_done_callback(self._send_done)
 
     async def _take_unit(self) -> Unit | None:
         ring = self.ring

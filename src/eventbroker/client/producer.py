@@ -407,12 +407,12 @@ class Producer:
                 conn.close()
 
     def _requeue(self, events: list[_Pending]) -> None:
+        if self._closed:
+            return  # close() fails them (they stay in _retry_waiting for it)
         try:
             self._retry_waiting.remove(events)
         except ValueError:
-            return  # failed by close() meanwhile
-        if self._closed:
-            return
+            return  # already failed by close()
         for ev in events:
             self._append(ev)
         self._seal()
