@@ -82,51 +82,59 @@ async def _stream_with_fault(producer: Producer, total: int, fault) -> tuple[lis
 
 FAULT_KAFKA = {"stall_timeout_ms": 1000, "retry_backoff_ms": 100, "retry_backoff_max_ms": 1000,
                "request_timeout_ms": 5000}
+TOTAL = 20_000
+
+
+async def _run_through_fault(bootstrap: str, fault, read_bootstrap, what: str) -> dict:
+    """A daemon on ``bootstrap``, an SDK producer streaming TOTAL events through
+    it, ``fault()`` injected mid-stream; returns what happened, checked for loss.
+
+    ``read_bootstrap()`` names the broker to verify against once the fault is over.
+    """
+    cfg = make_config(bootstrap, {"play": {}}, kafka=FAULT_KAFKA)
+    t0 = time.monotonic()
+    d = Daemon(cfg)
+    await d.start()
+    try:
+        async with Producer(daemon_address(d), linger_ms=2) as p:
+            futs, acked_before = await _stream_with_fault(p, TOTAL, fault)
+            await p.flush(timeout_s=120)
+            ids = [f.result() for f in futs]  # raises if any event was not persisted
+            retried = p.stats["retried"]
+        shed = d.router.lanes["play"].stats.sheds
+    finally:
+        await d.stop()
+    # From a thread: a fault proxy in front of the broker runs in this loop.
+    got = await asyncio.get_running_loop().run_in_executor(
+        None, read_topic, read_bootstrap(), cfg.types["play"].topic, TOTAL, 60.0)
+    found = {record_headers(m)["eb.id"] for m in got}
+    print(f"\n{what}: sent {TOTAL}, acked before the fault {len(acked_before)}, acked in the end {len(ids)}, "
+          f"found {len(found)}, duplicates {len(got) - len(found)}, handed back and resent {retried}, "
+          f"lane sheds {shed}, {time.monotonic() - t0:.1f}s")
+    assert acked_before and acked_before <= found  # nothing acknowledged was lost
+    assert found == set(ids)  # and everything was delivered in the end
+    return {"shed": shed}
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
 async def test_kill_9_broker_mid_stream_and_restart(tmp_path, s3_broker_env):
-    broker = EmbeddedKafka(storage="s3://tansu/", env=s3_broker_env, log_path=str(tmp_path / "tansu.log")).start()
-    cfg = make_config(broker.bootstrap, {"play": {}}, kafka=FAULT_KAFKA)
-    total = 20_000
-    restarted: list[EmbeddedKafka] = []
+    log = str(tmp_path / "tansu.log")
+    broker = EmbeddedKafka(storage="s3://tansu/", env=s3_broker_env, log_path=log).start()
+    again = EmbeddedKafka(port=broker.port, storage="s3://tansu/", env=s3_broker_env, log_path=log)
+
+    async def kill_and_restart() -> None:
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGKILL)
+        broker.proc.wait()
+        broker.proc = None
+        await asyncio.sleep(1.5)  # down longer than stall_timeout_ms
+        await asyncio.get_running_loop().run_in_executor(None, again.start)
+
     try:
-        d = Daemon(cfg)
-        await d.start()
-        try:
-            async with Producer(daemon_address(d), linger_ms=2) as p:
-
-                async def kill_and_restart() -> None:
-                    assert broker.proc is not None
-                    broker.proc.send_signal(signal.SIGKILL)
-                    broker.proc.wait()
-                    broker.proc = None
-                    await asyncio.sleep(1.5)  # down longer than stall_timeout_ms
-                    again = EmbeddedKafka(port=broker.port, storage="s3://tansu/", env=s3_broker_env,
-                                          log_path=str(tmp_path / "tansu.log"))
-                    await asyncio.get_running_loop().run_in_executor(None, again.start)
-                    restarted.append(again)
-
-                t0 = time.monotonic()
-                futs, acked_before = await _stream_with_fault(p, total, kill_and_restart)
-                await p.flush(timeout_s=120)
-                ids = [f.result() for f in futs]  # raises if any event was not persisted
-                stats = dict(p.stats)
-                elapsed = time.monotonic() - t0
-            shed = d.router.lanes["play"].stats.sheds
-        finally:
-            await d.stop()
-        got = read_topic(restarted[0].bootstrap, cfg.types["play"].topic, total, timeout_s=60)
+        await _run_through_fault(broker.bootstrap, kill_and_restart, lambda: again.bootstrap, "broker kill -9")
     finally:
         broker.stop()
-        for b in restarted:
-            b.stop()
-    found = {record_headers(m)["eb.id"] for m in got}
-    print(f"\nbroker kill -9: sent {total}, acked before kill {len(acked_before)}, acked in the end {len(ids)}, "
-          f"found {len(found)}, duplicates {len(got) - len(found)}, handed back and resent {stats['retried']}, "
-          f"lane sheds {shed}, {elapsed:.1f}s")
-    assert acked_before and acked_before <= found  # nothing acknowledged was lost
-    assert found == set(ids)
+        again.stop()
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
@@ -135,38 +143,20 @@ async def test_hung_broker_sigstop_then_sigcont(tmp_path):
     the type hands its events back, producers wait them out, and once the
     broker resumes everything is delivered."""
     broker = EmbeddedKafka(log_path=str(tmp_path / "tansu.log")).start()
-    cfg = make_config(broker.bootstrap, {"play": {}}, kafka=FAULT_KAFKA)
-    total = 20_000
+
+    async def hang() -> None:
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(2.5)
+        broker.proc.send_signal(signal.SIGCONT)
+
     try:
-        d = Daemon(cfg)
-        await d.start()
-        try:
-            async with Producer(daemon_address(d), linger_ms=2) as p:
-
-                async def hang() -> None:
-                    assert broker.proc is not None
-                    broker.proc.send_signal(signal.SIGSTOP)
-                    await asyncio.sleep(2.5)
-                    broker.proc.send_signal(signal.SIGCONT)
-
-                futs, acked_before = await _stream_with_fault(p, total, hang)
-                await p.flush(timeout_s=120)
-                ids = [f.result() for f in futs]
-                retried = p.stats["retried"]
-            shed = d.router.lanes["play"].stats.sheds
-        finally:
-            await d.stop()
-        got = read_topic(broker.bootstrap, cfg.types["play"].topic, total, timeout_s=60)
+        res = await _run_through_fault(broker.bootstrap, hang, lambda: broker.bootstrap, "broker SIGSTOP 2.5s")
+        assert res["shed"] >= 1  # the stall was noticed and the type handed its events back
     finally:
         if broker.proc is not None:
             broker.proc.send_signal(signal.SIGCONT)
         broker.stop()
-    found = {record_headers(m)["eb.id"] for m in got}
-    print(f"\nbroker SIGSTOP 2.5s: sent {total}, acked in the end {len(ids)}, found {len(found)}, "
-          f"duplicates {len(got) - len(found)}, handed back and resent {retried}, lane sheds {shed}")
-    assert shed >= 1  # the stall was noticed and the type handed its events back
-    assert acked_before <= found
-    assert found == set(ids)
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
@@ -179,36 +169,16 @@ async def test_network_partition_to_the_broker(tmp_path):
     proxy = await FaultProxy("127.0.0.1", broker_port).start()
     broker = EmbeddedKafka(port=broker_port, log_path=str(tmp_path / "tansu.log"),
                            advertised=f"127.0.0.1:{proxy.port}").start()
-    cfg = make_config(f"127.0.0.1:{proxy.port}", {"play": {}}, kafka=FAULT_KAFKA)
-    total = 20_000
+
+    async def partition() -> None:
+        proxy.cut()
+        await asyncio.sleep(2.0)
+        proxy.heal()
+
     try:
-        d = Daemon(cfg)
-        await d.start()
-        try:
-            async with Producer(daemon_address(d), linger_ms=2) as p:
-
-                async def partition() -> None:
-                    proxy.cut()
-                    await asyncio.sleep(2.0)
-                    proxy.heal()
-
-                futs, acked_before = await _stream_with_fault(p, total, partition)
-                await p.flush(timeout_s=120)
-                ids = [f.result() for f in futs]
-                retried = p.stats["retried"]
-            shed = d.router.lanes["play"].stats.sheds
-        finally:
-            await d.stop()
-        # The broker advertises the proxy, which runs in this loop: read from a thread.
-        got = await asyncio.get_running_loop().run_in_executor(
-            None, read_topic, broker.bootstrap, cfg.types["play"].topic, total, 60.0)
+        res = await _run_through_fault(f"127.0.0.1:{proxy.port}", partition, lambda: broker.bootstrap,
+                                       "partition 2s")
+        assert res["shed"] >= 1
     finally:
         await proxy.close()
         broker.stop()
-    found = {record_headers(m)["eb.id"] for m in got}
-    print(f"\npartition 2s: sent {total}, acked in the end {len(ids)}, found {len(found)}, "
-          f"duplicates {len(got) - len(found)}, handed back and resent {retried}, lane sheds {shed}, "
-          f"proxy connections {proxy.connections}")
-    assert shed >= 1
-    assert acked_before <= found
-    assert found == set(ids)
