@@ -185,17 +185,19 @@ async def run_sdk(args: argparse.Namespace) -> dict:
     cpu0 = time.process_time()
     acked: Counter[str] = Counter()
 
-    async def one(p) -> None:
+    async def one(conn_id: int, p) -> None:
         futs = []
+        prefix = struct.pack(">II", args.tag, conn_id)  # ids the verifier knows as this run's
         for i in range(per_conn):
             t = types[(i // args.batch_events) % len(types)]
-            futs.append((t, await p.send(t, payloads[i % len(payloads)])))
+            eid = prefix + struct.pack(">Q", i + 1)
+            futs.append((t, await p.send(t, payloads[i % len(payloads)], event_id=eid)))
         await p.flush()
         for t, f in futs:
             if not f.exception():
                 acked[t] += 1
 
-    await asyncio.gather(*(one(p) for p in producers))
+    await asyncio.gather(*(one(c, p) for c, p in enumerate(producers)))
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     for p in producers:
