@@ -16,9 +16,10 @@ import pytest
 from conftest import make_config, read_topic, serve_daemon
 from eventbroker import _fastpath as fp
 from eventbroker.client import Producer
+from eventbroker.config import PRIORITY_BUDGET_SHARE
 from eventbroker.embedded import EmbeddedKafka, free_port
 
-SHARE = {"critical": 1.0, "high": 0.85, "normal": 0.70, "low": 0.50}
+SHARE = PRIORITY_BUDGET_SHARE
 
 
 def _router(budget: int):

@@ -606,7 +606,6 @@ cdef class TypeRing:
                     batches.append((i, out, parts[i].count))
                     parts[i].start = <unsigned char *>PyBytes_AS_STRING(out)
                     parts[i].out = parts[i].start + KAFKA_BATCH_HEADER_BYTES
-                    parts[i].size = parts[i].count  # remember the count
                     parts[i].count = 0              # becomes the offset delta
             idx = self._read_idx
             off = self._read_off

@@ -62,7 +62,6 @@ class IngestProtocol(asyncio.Protocol):
         self._state = _HANDSHAKE
         self._pending_acks: dict[int, list[AckEntry]] = {}
         self._flush_scheduled = False
-        self._paused = False
         self._parts_owed = 0  # batch parts waiting for Kafka on this connection
         self._eof = False
         self.closed = False
@@ -137,12 +136,10 @@ class IngestProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The producer is not reading its acks: stop reading its batches.
-        self._paused = True
         if self._transport is not None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self._paused = False
         if self._transport is not None and self._state != _CLOSED:
             self._transport.resume_reading()
 

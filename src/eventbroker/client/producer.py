@@ -526,7 +526,6 @@ class Producer:
                 hb.cancel()
                 self._conn = None
                 self._connected.clear()
-                self._welcome = self._welcome  # keep limits for batching
             if conn.goaway:
                 self._server_idx += 1
 
