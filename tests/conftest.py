@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 import uvloop
 
-from eventbroker.config import Config, EventTypeConfig, KafkaConfig, ServerConfig
+from eventbroker.config import Config, EventTypeConfig, KafkaConfig, ServerConfig, SpoolConfig
 from eventbroker.daemon import Daemon
 from eventbroker.embedded import EmbeddedKafka, wait_for_port
 
@@ -83,6 +83,7 @@ def make_config(
     prefix: str | None = None,
     server: dict | None = None,
     kafka: dict | None = None,
+    spool: dict | None = None,
 ) -> Config:
     """A config with each type's topic under a per-test prefix (no cross-talk)."""
     prefix = prefix or unique_prefix()
@@ -95,6 +96,7 @@ def make_config(
     return Config(
         server=ServerConfig(listen="127.0.0.1:0", **(server or {})),
         kafka=KafkaConfig(**{"bootstrap_servers": bootstrap, "linger_ms": 1, **(kafka or {})}),
+        spool=SpoolConfig(**(spool or {})),
         types=tcfg,
     )
 

@@ -85,13 +85,18 @@ FAULT_KAFKA = {"stall_timeout_ms": 1000, "retry_backoff_ms": 100, "retry_backoff
 TOTAL = 20_000
 
 
-async def _run_through_fault(bootstrap: str, fault, read_bootstrap, what: str) -> dict:
+async def _run_through_fault(bootstrap: str, fault, read_bootstrap, what: str, spool_dir: Path | None = None) -> dict:
     """A daemon on ``bootstrap``, an SDK producer streaming TOTAL events through
     it, ``fault()`` injected mid-stream; returns what happened, checked for loss.
 
-    ``read_bootstrap()`` names the broker to verify against once the fault is over.
+    ``read_bootstrap()`` names the broker to verify against once the fault is
+    over. With ``spool_dir`` the type is acknowledged from a disk spool there.
     """
-    cfg = make_config(bootstrap, {"play": {}}, kafka=FAULT_KAFKA)
+    if spool_dir is None:
+        cfg = make_config(bootstrap, {"play": {}}, kafka=FAULT_KAFKA)
+    else:
+        cfg = make_config(bootstrap, {"play": {"ack": "spool"}}, kafka=FAULT_KAFKA, spool={"dir": str(spool_dir)},
+                          server={"drain_timeout_ms": 60_000})
     t0 = time.monotonic()
     d = Daemon(cfg)
     await d.start()
@@ -101,7 +106,9 @@ async def _run_through_fault(bootstrap: str, fault, read_bootstrap, what: str) -
             await p.flush(timeout_s=120)
             ids = [f.result() for f in futs]  # raises if any event was not persisted
             retried = p.stats["retried"]
-        shed = d.router.lanes["play"].stats.sheds
+        lane = d.router.lanes["play"]
+        shed = lane.stats.sheds
+        forwarder = getattr(lane, "forwarder", None)
     finally:
         await d.stop()
     # From a thread: a fault proxy in front of the broker runs in this loop.
@@ -110,10 +117,12 @@ async def _run_through_fault(bootstrap: str, fault, read_bootstrap, what: str) -
     found = {record_headers(m)["eb.id"] for m in got}
     print(f"\n{what}: sent {TOTAL}, acked before the fault {len(acked_before)}, acked in the end {len(ids)}, "
           f"found {len(found)}, duplicates {len(got) - len(found)}, handed back and resent {retried}, "
-          f"lane sheds {shed}, {time.monotonic() - t0:.1f}s")
+          f"lane sheds {shed}, {time.monotonic() - t0:.1f}s"
+          + (f", spool forwarded {forwarder.stats.events_forwarded} after "
+             f"{forwarder.stats.send_failures} failed sends" if forwarder else ""))
     assert acked_before and acked_before <= found  # nothing acknowledged was lost
     assert found == set(ids)  # and everything was delivered in the end
-    return {"shed": shed}
+    return {"shed": shed, "forwarder": forwarder}
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
@@ -132,6 +141,33 @@ async def test_kill_9_broker_mid_stream_and_restart(tmp_path, s3_broker_env):
 
     try:
         await _run_through_fault(broker.bootstrap, kill_and_restart, lambda: again.bootstrap, "broker kill -9")
+    finally:
+        broker.stop()
+        again.stop()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_kill_9_broker_mid_stream_with_spool(tmp_path, s3_broker_env):
+    """The same kill with the type acknowledged from the disk spool: producers
+    are never handed events back; the spool delivers everything once the
+    broker is back."""
+    log = str(tmp_path / "tansu.log")
+    broker = EmbeddedKafka(storage="s3://tansu/", env=s3_broker_env, log_path=log).start()
+    again = EmbeddedKafka(port=broker.port, storage="s3://tansu/", env=s3_broker_env, log_path=log)
+
+    async def kill_and_restart() -> None:
+        assert broker.proc is not None
+        broker.proc.send_signal(signal.SIGKILL)
+        broker.proc.wait()
+        broker.proc = None
+        await asyncio.sleep(1.5)
+        await asyncio.get_running_loop().run_in_executor(None, again.start)
+
+    try:
+        res = await _run_through_fault(broker.bootstrap, kill_and_restart, lambda: again.bootstrap,
+                                       "broker kill -9, spooled type", spool_dir=tmp_path / "spool")
+        assert res["shed"] == 0  # the spool took everything: nothing was handed back
+        assert res["forwarder"].stats.events_forwarded >= TOTAL
     finally:
         broker.stop()
         again.stop()

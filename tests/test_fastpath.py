@@ -1023,3 +1023,57 @@ def test_enums_agree_with_fastpath(enum_cls, prefix):
 def test_accepted_status_is_not_a_wire_status():
     assert fp.STATUS_ACCEPTED not in {s.value for s in Status}
     assert sorted(t.value for t in FrameType) == list(range(1, 8))
+
+
+# --------------------------------------------------------------------------
+# entries taken out for the disk spool and appended back
+
+
+def test_take_entries_round_trips_into_identical_batches():
+    """Entries taken from one ring and appended to another build the same batches,
+    across chunk boundaries, for keyed and unkeyed events."""
+    src = make_ring("play", chunk_bytes=4096)
+    router = make_router(src)
+    events = [("play", os.urandom(16), 1_700_000_000_000 + i, (b"k%d" % (i % 7)) if i % 3 else None,
+               os.urandom(50 + i % 200)) for i in range(300)]
+    ingest_events(router, events, now_ms=1_700_000_000_500)
+    taken = []
+    while (r := src.take_entries(8000)) is not None:
+        entries, n_events, n_bytes, end_seq, end_off = r
+        assert len(entries) == n_bytes
+        taken.append(r)
+    assert sum(t[1] for t in taken) == 300
+    assert src.pending_events == 0 and src.used_bytes > 0  # still held until released
+    for _, _, n_bytes, end_seq, end_off in taken:
+        src.release(n_bytes, end_seq, end_off)
+    assert src.used_bytes == 0
+    dst = make_ring("play")
+    for entries, n_events, *_ in taken:
+        assert dst.append_entries(entries) == n_events
+    assert dst.pending_events == 300
+    unit = dst.build_unit(BIG, 3, 1)
+    records = parse_batches(unit[0], 3)
+    got = sorted((r.headers[0][1], r.key, r.value, r.timestamp) for recs in records.values() for r in recs)
+    want = sorted((ident, key, value, ts) for _, ident, ts, key, value in events)
+    assert got == want
+    for p, recs in records.items():  # keyed events went to murmur2(key) % 3
+        for r in recs:
+            if r.key is not None:
+                assert (fp.murmur2(r.key) & 0x7FFFFFFF) % 3 == p
+
+
+@pytest.mark.parametrize("cut", [1, 23, 24, 25, -1])
+def test_append_entries_refuses_a_buffer_that_does_not_parse(cut):
+    """A truncated or overlong buffer raises ValueError and appends nothing."""
+    src = make_ring("play")
+    ingest_events(make_router(src), [("play", b"i" * 16, 1, b"key", b"value" * 10)] * 3, now_ms=2)
+    entries = src.take_entries(BIG)[0]
+    bad = entries[:cut] if cut > 0 else entries + b"\x00" * 30
+    dst = make_ring("play")
+    with pytest.raises(ValueError):
+        dst.append_entries(bad)
+    assert dst.pending_events == 0 and dst.used_bytes == 0
+    lying = b"\xff\xff\xff\xff" + entries[4:]
+    with pytest.raises(ValueError):
+        dst.append_entries(lying)
+    assert dst.append_entries(b"") == 0

@@ -30,6 +30,7 @@ REASON_DISABLED: int
 REASON_INVALID: int
 REASON_OVERLOADED: int
 REASON_KAFKA_UNAVAILABLE: int
+REASON_SPOOL_UNAVAILABLE: int
 HEADER_EVENT_ID: bytes
 HEADER_EVENT_TYPE: bytes
 HEADER_TIMESTAMP: bytes
@@ -66,6 +67,7 @@ class TypeRing:
     name_bytes: bytes
     enabled: bool
     accepting: bool
+    refuse_reason: int
     by_key: bool
     max_event_bytes: int
     capacity_bytes: int
@@ -92,6 +94,8 @@ class TypeRing:
         self, max_bytes: int, n_partitions: int, sticky_partition: int
     ) -> tuple[list[KafkaBatch], int, int, int, int] | None: ...
     def skip_unit(self, max_bytes: int) -> tuple[int, int, int, int] | None: ...
+    def take_entries(self, max_bytes: int) -> tuple[bytes, int, int, int, int] | None: ...
+    def append_entries(self, data: Buffer) -> int: ...
     def discard_all(self) -> None: ...
     def release(self, n_bytes: int, end_seq: int, end_off: int) -> None: ...
 

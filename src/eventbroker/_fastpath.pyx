@@ -92,6 +92,7 @@ cdef enum:
     C_REASON_INVALID = 4
     C_REASON_OVERLOADED = 16
     C_REASON_KAFKA_UNAVAILABLE = 17
+    C_REASON_SPOOL_UNAVAILABLE = 19
 
 FRAME_HELLO = C_FRAME_HELLO
 FRAME_WELCOME = C_FRAME_WELCOME
@@ -119,6 +120,7 @@ REASON_DISABLED = C_REASON_DISABLED
 REASON_INVALID = C_REASON_INVALID
 REASON_OVERLOADED = C_REASON_OVERLOADED
 REASON_KAFKA_UNAVAILABLE = C_REASON_KAFKA_UNAVAILABLE
+REASON_SPOOL_UNAVAILABLE = C_REASON_SPOOL_UNAVAILABLE
 
 # Record header names written with every Kafka record.
 HEADER_EVENT_ID = b"eb.id"
@@ -408,6 +410,7 @@ cdef class TypeRing:
     cdef readonly bytes name_bytes
     cdef public bint enabled
     cdef public bint accepting   # False while the type cannot be delivered
+    cdef public int refuse_reason  # the RETRY_LATER reason while not accepting
     cdef public bint by_key
     cdef public Py_ssize_t max_event_bytes
     cdef public Py_ssize_t capacity_bytes
@@ -437,6 +440,7 @@ cdef class TypeRing:
         self.name_bytes = nb
         self.enabled = enabled
         self.accepting = True
+        self.refuse_reason = C_REASON_KAFKA_UNAVAILABLE
         self.by_key = by_key
         self.max_event_bytes = max_event_bytes
         self.capacity_bytes = capacity_bytes
@@ -688,6 +692,81 @@ cdef class TypeRing:
         self.pending_bytes -= n_bytes
         return n_events, n_bytes, (<_Chunk>self._chunks[idx]).seq, off
 
+    def take_entries(self, Py_ssize_t max_bytes):
+        """Take the next run of entries as one bytes object (the disk spool's record).
+
+        Like ``skip_unit`` but returns ``(entries, n_events, n_bytes, end_seq,
+        end_off)``: the entries exactly as the ring holds them (24-byte header
+        plus Kafka record tail each), partition-independent, so the spool's
+        forwarder can build record batches for whatever partitions the topic
+        has when it is delivered. None when nothing is waiting.
+        """
+        cdef Py_ssize_t idx = self._read_idx, off = self._read_off, start_off
+        cdef Py_ssize_t n_events, n_bytes, span, copied = 0
+        cdef _Chunk c
+        cdef bytes out
+        cdef unsigned char *w
+        r = self.skip_unit(max_bytes)
+        if r is None:
+            return None
+        n_events, n_bytes, end_seq, end_off = r
+        out = PyBytes_FromStringAndSize(NULL, n_bytes)
+        w = <unsigned char *>PyBytes_AS_STRING(out)
+        # Entries never straddle chunks: copy each chunk's part of the run.
+        while copied < n_bytes:
+            c = <_Chunk>self._chunks[idx]
+            if off >= c.used:
+                idx += 1
+                off = 0
+                continue
+            start_off = off
+            span = c.used - off
+            if span > n_bytes - copied:
+                span = n_bytes - copied
+            memcpy(w + copied, c.data + start_off, span)
+            copied += span
+            off += span
+        return out, n_events, n_bytes, end_seq, end_off
+
+    def append_entries(self, data):
+        """Append entries taken by ``take_entries`` (read back from the spool).
+
+        Every entry's length is checked against the buffer first; a buffer
+        that does not parse exactly into entries raises ValueError and
+        appends nothing. Returns the number of entries appended. Ignores the
+        budget, the capacity and ``accepting``: the spool's forwarder bounds
+        what it holds itself.
+        """
+        cdef Py_buffer view
+        cdef const unsigned char *b
+        cdef Py_ssize_t n, pos = 0, count = 0, tail_len
+        cdef unsigned char *dst
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            b = <const unsigned char *>view.buf
+            n = view.len
+            while pos < n:
+                if n - pos < ENTRY_HEADER_BYTES:
+                    raise ValueError(f"truncated entry header at byte {pos}")
+                tail_len = eb_ld32(b + pos)
+                if tail_len < 3 or tail_len > n - pos - ENTRY_HEADER_BYTES:
+                    raise ValueError(f"entry at byte {pos} claims {tail_len} bytes, {n - pos - ENTRY_HEADER_BYTES} left")
+                pos += ENTRY_HEADER_BYTES + tail_len
+                count += 1
+            if n == 0:
+                return 0
+            dst = self._reserve(n)
+            memcpy(dst, b, n)
+        finally:
+            PyBuffer_Release(&view)
+        self.used_bytes += n
+        if self._budget is not None:
+            self._budget.used_bytes += n
+        self.pending_bytes += n
+        self.pending_events += count
+        self.events_in += count
+        return count
+
     def discard_all(self):
         """Drop every entry, waiting or in flight (the lane answered them retry-later)."""
         cdef _Chunk c
@@ -870,7 +949,7 @@ cdef class Router:
                 if acc[i].n_ok == 0:
                     continue
                 if not ring.accepting:
-                    results.append((i, C_STATUS_RETRY_LATER, C_REASON_KAFKA_UNAVAILABLE, acc[i].n_ok, None, None))
+                    results.append((i, C_STATUS_RETRY_LATER, ring.refuse_reason, acc[i].n_ok, None, None))
                     continue
                 # An empty ring always takes one part, so any valid batch makes
                 # progress; the bound is capacity plus one frame's worth.

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import orjson
 
+from eventbroker import cli_spool
 from eventbroker.config import (
     DEFAULT_EMBEDDED_PORT,
     DEFAULT_LISTEN,
@@ -313,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--idle-exit-ms", type=int, default=None, help="exit after this long without events")
     t.add_argument("--payload-only", action="store_true", help="print only each payload")
     t.set_defaults(func=cmd_tail)
+
+    cli_spool.add_parser(sub, _config_path)
 
     b = sub.add_parser("bench", help="benchmarks against producing to Kafka directly (see benchmarks/README.md)",
                        add_help=False)

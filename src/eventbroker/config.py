@@ -6,6 +6,7 @@ the file, the key and what was expected.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import tomllib
@@ -24,6 +25,7 @@ TYPE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.\-]{0,63}$"
 TypeName = Annotated[str, Meta(pattern=TYPE_NAME_PATTERN)]
 Priority = Literal["critical", "high", "normal", "low"]
 Partitioning = Literal["key", "spread"]
+Ack = Literal["kafka", "spool"]
 
 PRIORITY_ORDER: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 # Share of server.memory_budget_bytes up to which each priority is admitted.
@@ -81,12 +83,38 @@ class KafkaConfig(_Base, frozen=True):
     replication_factor: Annotated[int, Meta(ge=1)] = 1
 
 
+class SpoolConfig(_Base, frozen=True):
+    # Types with ack = "spool" keep a log per type under this directory. A
+    # relative path is taken from $STATE_DIRECTORY (systemd) when it is set,
+    # else from the current directory.
+    dir: str = "spool"
+    # always: fsync before every ack (survives power loss);
+    # interval: ack after the write, fsync every fsync_interval_ms (survives a
+    # crash of the daemon; a power cut may lose the last interval);
+    # never: the OS decides when to write back.
+    fsync: Literal["always", "interval", "never"] = "interval"
+    fsync_interval_ms: Annotated[int, Meta(ge=1, le=60_000)] = 200
+    segment_bytes: Annotated[int, Meta(ge=1024 * 1024)] = 64 * 1024 * 1024
+    # Undelivered bytes one type may hold; above it the type answers retry-later.
+    max_bytes_per_type: Annotated[int, Meta(ge=1024 * 1024)] = 1024 * 1024 * 1024
+    # Free space the disk must keep; below it writes stop (retry-later).
+    min_free_bytes: Annotated[int, Meta(ge=0)] = 64 * 1024 * 1024
+
+    def resolved_dir(self) -> Path:
+        p = Path(self.dir)
+        if not p.is_absolute():
+            state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+            p = Path(state) / p if state else Path.cwd() / p
+        return p
+
+
 class TypeDefaults(_Base, frozen=True):
     priority: Priority = "normal"
     max_event_bytes: Annotated[int, Meta(ge=1)] = 512 * 1024
     partitioning: Partitioning = "key"
     ring_bytes: Annotated[int, Meta(ge=64 * 1024)] = 64 * 1024 * 1024
     enabled: bool = True
+    ack: Ack = "kafka"
 
 
 class EventTypeConfig(_Base, frozen=True):
@@ -97,11 +125,15 @@ class EventTypeConfig(_Base, frozen=True):
     partitioning: Partitioning | None = None
     ring_bytes: Annotated[int, Meta(ge=64 * 1024)] | None = None
     enabled: bool | None = None
+    # When the producer is told "persisted": after Kafka acknowledged the
+    # events ("kafka"), or after they are in this daemon's disk spool ("spool").
+    ack: Ack | None = None
 
 
 class Config(_Base, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
+    spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     defaults: TypeDefaults = msgspec.field(default_factory=TypeDefaults)
     types: dict[TypeName, EventTypeConfig] = msgspec.field(default_factory=dict)
 
@@ -116,6 +148,7 @@ class EventType(Struct, frozen=True, kw_only=True):
     partitioning: Partitioning
     ring_bytes: int
     enabled: bool
+    ack: Ack = "kafka"
 
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
@@ -137,6 +170,7 @@ def resolve_types(cfg: Config) -> dict[str, EventType]:
             partitioning=t.partitioning or d.partitioning,
             ring_bytes=t.ring_bytes or d.ring_bytes,
             enabled=d.enabled if t.enabled is None else t.enabled,
+            ack=t.ack or d.ack,
         )
         if et.ring_bytes < 2 * cfg.server.max_frame_bytes:
             raise ValueError(

@@ -64,7 +64,7 @@ class Daemon:
             self.sink = KafkaSink(kcfg, self.bootstrap)
         try:
             await self.sink.start(self.types)
-            self.router = Router(self.types, self.sink, kcfg, self.cfg.server)
+            self.router = Router(self.types, self.sink, kcfg, self.cfg.server, self.cfg.spool)
             self.router.start()
             self.server = IngestServer(self.cfg.server, self.router)
             await self.server.start()

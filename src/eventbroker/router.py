@@ -37,9 +37,17 @@ from aiokafka.errors import (
 )
 
 from eventbroker import _fastpath as fp
-from eventbroker.config import PRIORITY_BUDGET_SHARE, PRIORITY_ORDER, EventType, KafkaConfig, ServerConfig
+from eventbroker.config import (
+    PRIORITY_BUDGET_SHARE,
+    PRIORITY_ORDER,
+    EventType,
+    KafkaConfig,
+    ServerConfig,
+    SpoolConfig,
+)
 from eventbroker.protocol import Reason
 from eventbroker.sinks import ProduceFailed, Sink
+from eventbroker.spool import SpoolLog
 
 log = logging.getLogger("eventbroker.router")
 
@@ -293,7 +301,12 @@ class Lane:
             if r2 is None:
                 return None
             unit = Unit([], *r2)
-        # Attribute the unit's events to the segments they came from, in order.
+        self._attribute(unit)
+        self._units.append(unit)
+        return unit
+
+    def _attribute(self, unit: Unit) -> None:
+        """Attribute the unit's events to the segments they came from, in order."""
         need = unit.n_events
         segs = self._segments
         while need:
@@ -304,8 +317,6 @@ class Lane:
             unit.contribs.append((seg, take))
             if seg.unassigned == 0:
                 segs.popleft()
-        self._units.append(unit)
-        return unit
 
     def _note_failure(self, what: str) -> None:
         self.stats.send_failures += 1
@@ -390,7 +401,7 @@ class Lane:
         elif self._metadata_failing_since and now - self._metadata_failing_since > stall_s:
             self.shed(f"no metadata for {self.etype.topic} for {now - self._metadata_failing_since:.1f}s")
 
-    def shed(self, why: str) -> None:
+    def shed(self, why: str, reason: int = Reason.KAFKA_UNAVAILABLE) -> None:
         """Answer everything this type holds retry-later, drop it, stop accepting."""
         if self.state is LaneState.OPEN:
             return
@@ -398,6 +409,7 @@ class Lane:
             self._shed_backoff_s = self._next_backoff(self._shed_backoff_s)
         self.state = LaneState.OPEN
         self.ring.accepting = False
+        self.ring.refuse_reason = reason
         self.stats.sheds += 1
         self._wakeup.set()  # the drain loop may be idle: it must start probing
         for t in list(self._sends):
@@ -412,7 +424,7 @@ class Lane:
         answered = 0
         for seg in segments.values():
             if seg.unacked and not seg.target.closed:
-                seg.target.part_retry(seg.batch_seq, seg.type_index, seg.count, Reason.KAFKA_UNAVAILABLE, retry_ms)
+                seg.target.part_retry(seg.batch_seq, seg.type_index, seg.count, reason, retry_ms)
                 answered += seg.count
             seg.unacked = 0
         for unit in self._units:
@@ -444,7 +456,8 @@ class Lane:
 class Router:
     """The registry's rings and lanes, and the native splitter in front of them."""
 
-    def __init__(self, types: dict[str, EventType], sink: Sink, kcfg: KafkaConfig, server_cfg: ServerConfig):
+    def __init__(self, types: dict[str, EventType], sink: Sink, kcfg: KafkaConfig, server_cfg: ServerConfig,
+                 spool_cfg: SpoolConfig | None = None):
         self.core = fp.Router(
             max_events_per_batch=server_cfg.max_events_per_batch,
             max_event_bytes=server_cfg.max_event_bytes,
@@ -453,13 +466,36 @@ class Router:
         self.requests = PrioritySlots(kcfg.max_inflight_requests)
         self.lanes: dict[str, Lane] = {}
         self._by_name: dict[bytes, Lane] = {}
-        for name, et in types.items():
-            lane = Lane(et, sink, kcfg, server_cfg, self.requests)
-            share = PRIORITY_BUDGET_SHARE[et.priority]
-            lane.ring.attach_budget(self.budget, int(server_cfg.memory_budget_bytes * share))
-            self.lanes[name] = lane
-            self._by_name[lane.ring.name_bytes] = lane
-            self.core.add(lane.ring)
+        spool_cfg = spool_cfg or SpoolConfig()
+        spools: list[SpoolLog] = []
+        try:
+            for name, et in types.items():
+                lane = self._make_lane(et, sink, kcfg, server_cfg, spool_cfg, spools)
+                self._add(name, lane, server_cfg)
+        except BaseException:
+            for sp in spools:  # a later type's spool failed to open: unlock the others
+                sp.close()
+            raise
+
+    def _make_lane(self, et: EventType, sink: Sink, kcfg: KafkaConfig, server_cfg: ServerConfig,
+                   spool_cfg: SpoolConfig, spools: list[SpoolLog]) -> Lane:
+        if et.ack != "spool":
+            return Lane(et, sink, kcfg, server_cfg, self.requests)
+        from eventbroker.spool_lane import SpoolLane  # it builds on Lane: imported here, not at the top
+
+        directory = spool_cfg.resolved_dir() / et.name
+        spool = SpoolLog(directory, segment_bytes=spool_cfg.segment_bytes, fsync=spool_cfg.fsync, name=et.name)
+        spool.open()
+        spools.append(spool)
+        log.info("type %s: acknowledged once in the disk spool %s (fsync %s)", et.name, directory, spool_cfg.fsync)
+        return SpoolLane(et, sink, kcfg, server_cfg, self.requests, spool_cfg, spool)
+
+    def _add(self, name: str, lane: Lane, server_cfg: ServerConfig) -> None:
+        share = PRIORITY_BUDGET_SHARE[lane.etype.priority]
+        lane.ring.attach_budget(self.budget, int(server_cfg.memory_budget_bytes * share))
+        self.lanes[name] = lane
+        self._by_name[lane.ring.name_bytes] = lane
+        self.core.add(lane.ring)
 
     def lane_for(self, name: bytes) -> Lane | None:
         return self._by_name.get(name)

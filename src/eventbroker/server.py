@@ -179,7 +179,7 @@ class IngestProtocol(asyncio.Protocol):
             retry_ms = 0
             if status == Status.RETRY_LATER:
                 lane = server.router.lane_for(names[ti])
-                if reason == Reason.KAFKA_UNAVAILABLE and lane is not None:
+                if reason in (Reason.KAFKA_UNAVAILABLE, Reason.SPOOL_UNAVAILABLE) and lane is not None:
                     retry_ms = lane.retry_after_ms
                 else:
                     retry_ms = 200
