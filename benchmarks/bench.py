@@ -8,6 +8,7 @@ each. Scenarios (see benchmarks/README.md):
   ceiling    daemon with the null sink: receive, decode, route, ack
   e2e        into the broker, acks=all, verified by an independent consumer
   direct     the same events straight into the broker (librdkafka, aiokafka)
+  spool      e2e with the types acknowledged from the disk spool (ack = "spool")
   sdk        e2e through the producer SDK, one send() per event
   fanin      500 connections sending small batches, vs 500 librdkafka producers
   isolation  one type's topic unwritable while the others flow
@@ -154,7 +155,8 @@ class Bench:
         return f"{self.run_id}n{self.counter}"
 
     @contextlib.contextmanager
-    def daemon(self, sink: str, topics: dict[str, str], create_topics: bool = True) -> Iterator[tuple[str, Proc]]:
+    def daemon(self, sink: str, topics: dict[str, str], create_topics: bool = True,
+               ack: str = "kafka") -> Iterator[tuple[str, Proc]]:
         if self.args.server:  # a running daemon: its config decides sink and topics
             yield self.args.server, Proc(self.args.server_pid) if self.args.server_pid else _NoProc()
             return
@@ -166,8 +168,10 @@ class Bench:
                  f'create_topics = {str(create_topics).lower()}\ntopic_partitions = 4\n']
         if self.args.linger_ms is not None:
             lines.append(f"linger_ms = {self.args.linger_ms}\n")
+        if ack == "spool":
+            lines.append(f'[spool]\ndir = "{self.tmp / f"spool-{port}"}"\n')
         for t, topic in topics.items():
-            lines.append(f'[types.{t}]\ntopic = "{topic}"\npartitioning = "spread"\n')
+            lines.append(f'[types.{t}]\ntopic = "{topic}"\npartitioning = "spread"\nack = "{ack}"\n')
         conf.write_text("".join(lines))
         log = open(self.tmp / f"daemon-{port}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
@@ -327,13 +331,16 @@ class Bench:
                                batch_events=self.args.batch_events, event_bytes=self.args.event_bytes)
         return self._gateway_figures("ceiling", res)
 
-    def e2e(self, events: int, verify: bool = True) -> dict:
+    def e2e(self, events: int, verify: bool = True, ack: str = "kafka") -> dict:
+        """Raw-protocol load into the daemon, every event verified in Kafka after.
+        With ``ack="spool"`` the types are acknowledged from the disk spool
+        (fsync "interval"); the daemon's CPU then includes the spool's threads."""
         pre = self.prefix()
         topics = self.topics(pre)
-        with self.daemon("kafka", topics) as (server, dp):
+        with self.daemon("kafka", topics, ack=ack) as (server, dp):
             res = self.loadgen(server, dp, events=events, connections=self.args.connections,
                                batch_events=self.args.batch_events, event_bytes=self.args.event_bytes)
-        out = self._gateway_figures("e2e", res)
+        out = self._gateway_figures("e2e" if ack == "kafka" else "e2e-spool", res)
         if verify:
             expected = {topics[t]: res["acked_by_type"].get(t, 0) for t in self.types}
             out.update(self.verify(expected, res["events_acked"], res["payload_checksum"]))
@@ -469,7 +476,7 @@ def run_full(b: Bench) -> dict:
     a = b.args
     n = a.events or 1_000_000
     runs: list[dict] = []
-    steps = sum(1 for x in ("ceiling", "sdk", "fanin", "isolation", "latency") if x in a.scenarios) + 3 * a.rounds
+    steps = sum(1 for x in ("ceiling", "spool", "sdk", "fanin", "isolation", "latency") if x in a.scenarios) + 3 * a.rounds
     with _progress(steps, "bench") as bar:
         def tick(what: str) -> None:
             if bar is not None:
@@ -488,6 +495,9 @@ def run_full(b: Bench) -> dict:
                 tick(f"direct librdkafka {r}")
                 runs.append({**b.direct("aiokafka", f"{b.prefix()}.direct", n), "round": r})
                 tick(f"direct aiokafka {r}")
+        if "spool" in a.scenarios:
+            runs.append(b.e2e(n, ack="spool"))
+            tick("spool")
         if "sdk" in a.scenarios:
             runs.append(b.sdk(min(n, 300_000)))
             tick("sdk")
@@ -518,6 +528,8 @@ def summarize(runs: list[dict]) -> dict:
         "e2e_events_per_s": med("e2e", "events_per_s"),
         "direct_librdkafka_events_per_s": med("direct-librdkafka", "events_per_s"),
         "direct_aiokafka_events_per_s": med("direct-aiokafka-batch", "events_per_s"),
+        "e2e_spool_daemon_us_per_event": med("e2e-spool", "daemon_us_per_event"),
+        "e2e_spool_events_per_s": med("e2e-spool", "events_per_s"),
         "events_lost": sum(r.get("events_lost", 0) for r in runs),
     }
     if s["e2e_daemon_us_per_event"] and s["direct_librdkafka_client_us_per_event"]:
@@ -530,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="eventbroker bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="under a minute: one JSON line of key figures")
-    ap.add_argument("--scenarios", default="ceiling,e2e,direct,sdk,fanin,isolation,latency")
+    ap.add_argument("--scenarios", default="ceiling,e2e,direct,spool,sdk,fanin,isolation,latency")
     ap.add_argument("--events", type=int, help="events per run (default 1,000,000; --quick 300,000)")
     ap.add_argument("--event-bytes", type=int, default=200)
     ap.add_argument("--connections", type=int, default=4)
