@@ -10,6 +10,7 @@ import os
 import random
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -121,30 +122,73 @@ def test_garbage_after_the_last_record_is_truncated(tmp_path):
     log.close()
 
 
-def test_damage_found_while_reading_skips_to_the_next_segment(tmp_path):
-    """Bit rot in a record behind the newest segment: the reader reports where
-    and why, and reading goes on at the next segment."""
+def test_a_damaged_record_is_skipped_alone_while_reading(tmp_path):
+    """Bit rot in one record's body: the reader reports where and why and goes
+    on right after that record; the records around it are delivered."""
     recs = _records(60, seed=5)
     log = _open(tmp_path)
     for n, e in recs:
         log.append([sp.encode_record(n, e)])
+    first = tmp_path / sp.segment_name(0)
+    data = bytearray(first.read_bytes())
+    second = sp.parse_record(data, sp.SEGMENT_HEADER_BYTES)[2]
+    third = sp.parse_record(data, second)[2]
+    data[second + 20] ^= 0x40
+    first.write_bytes(bytes(data))
+    got, corrupt = log.read(log.checkpoint, 100 * MiB)
+    assert corrupt is not None and corrupt.reason == "checksum mismatch"
+    assert corrupt.at == sp.Position(0, second)
+    assert corrupt.resume == sp.Position(0, third) and corrupt.skipped_bytes == third - second
+    assert [(r.n_events, bytes(r.entries)) for r in got] == recs[:1]
+    rest, _ = _read_all(log, corrupt.resume)
+    assert rest == recs[2:]
+    log.close()
+    # On the next start the damage is counted, the segment left alone.
+    log = _open(tmp_path)
+    assert log.stats.corrupt_records == 1 and log.stats.torn_tails_truncated == 0
+    assert first.read_bytes() == bytes(data)
+    log.close()
+
+
+def test_an_unparseable_length_skips_to_the_next_segment(tmp_path):
+    recs = _records(60, seed=6)
+    log = _open(tmp_path)
+    for n, e in recs:
+        log.append([sp.encode_record(n, e)])
     segs = sp.list_segments(tmp_path)
-    assert len(segs) >= 2
     first = tmp_path / sp.segment_name(segs[0])
     n_first = sp.scan_segment(first).records
     data = bytearray(first.read_bytes())
-    second_record = sp.parse_record(data, sp.SEGMENT_HEADER_BYTES)[2]
-    data[second_record + 20] ^= 0x40
+    second = sp.parse_record(data, sp.SEGMENT_HEADER_BYTES)[2]
+    data[second : second + 4] = b"\xff\xff\xff\xff"
     first.write_bytes(bytes(data))
-    recs_got, corrupt = log.read(log.checkpoint, 100 * MiB)
-    assert corrupt is not None
-    assert corrupt.reason == "checksum mismatch"
-    assert corrupt.at == sp.Position(segs[0], second_record)
+    got, corrupt = log.read(log.checkpoint, 100 * MiB)
+    assert corrupt is not None and "out of range" in corrupt.reason
     assert corrupt.resume == sp.Position(segs[1], sp.SEGMENT_HEADER_BYTES)
-    assert corrupt.skipped_bytes == len(data) - second_record
-    assert [(r.n_events, bytes(r.entries)) for r in recs_got] == recs[:1]
-    rest, _ = _read_all(log, corrupt.resume)
-    assert rest == recs[n_first:]
+    assert _read_all(log, corrupt.resume)[0] == recs[n_first:]
+    log.close()
+
+
+def test_missing_segments_and_short_files_do_not_stop_the_reader(tmp_path):
+    """A checkpoint naming a deleted segment, a gap in the numbering, a file
+    shorter than what was written: reading goes on with what is there."""
+    recs = _records(250, seed=8)
+    log = _open(tmp_path)
+    for n, e in recs:
+        log.append([sp.encode_record(n, e)])
+    segs = sp.list_segments(tmp_path)
+    assert len(segs) >= 4
+    counts = [sp.scan_segment(tmp_path / sp.segment_name(n)).records for n in segs]
+    os.truncate(tmp_path / sp.segment_name(segs[2]), 100)  # shorter than written, while open
+    got, corrupt = log.read(sp.Position(segs[2], sp.SEGMENT_HEADER_BYTES), 100 * MiB)
+    assert corrupt is not None and corrupt.resume == sp.Position(segs[3], sp.SEGMENT_HEADER_BYTES)
+    log.commit(sp.Position(segs[1], sp.SEGMENT_HEADER_BYTES))
+    log.close()
+    (tmp_path / sp.segment_name(segs[1])).unlink()
+    (tmp_path / sp.segment_name(segs[2])).unlink()
+    log = _open(tmp_path)  # the checkpoint's segment is gone
+    assert log.checkpoint == sp.Position(segs[3], sp.SEGMENT_HEADER_BYTES)
+    assert _read_all(log)[0] == recs[sum(counts[:3]):]
     log.close()
 
 
@@ -557,3 +601,128 @@ def test_daemon_refuses_a_spool_directory_in_use(tmp_path, kafka_bootstrap):
         assert "spool directory is in use by another eventbroker process" in r.stderr
     finally:
         held.close()
+
+
+# --------------------------------------------------------------------------
+# the forwarder and the spool lane with fake sinks (exact failure timing)
+
+
+def _tagged_entry(tag: bytes) -> bytes:
+    tail = b"TAG" + tag
+    return struct.pack(">IIIIQ", len(tail), 0, 0, 0, 0) + tail
+
+
+class _FlakySink:
+    """Records what arrives in order; fails the first send of one record."""
+
+    builds_batches = True
+
+    def __init__(self, fail_tag: bytes, error: Exception, times: int = 1) -> None:
+        self.arrived: list[bytes] = []
+        self.fail_tag, self.error, self.times = fail_tag, error, times
+
+    async def partitions(self, topic: str) -> int:
+        return 1
+
+    async def send(self, topic, batches) -> None:
+        data = batches[0][1]
+        i = data.find(b"TAG")
+        tag = data[i + 3 : i + 6]
+        if tag == self.fail_tag and self.times:
+            self.times -= 1
+            await asyncio.sleep(0.05)
+            raise self.error
+        await asyncio.sleep(0.001)
+        self.arrived.append(tag)
+
+
+def _forward(tmp_path: Path, sink, n: int = 6):
+    from eventbroker.config import EventType, KafkaConfig
+    from eventbroker.spool_lane import Forwarder
+
+    async def go():
+        log = _open(tmp_path, fsync="never")
+        for i in range(n):
+            log.append([sp.encode_record(1, _tagged_entry(b"%03d" % i))])
+        et = EventType(name="t", topic="t", priority="normal", max_event_bytes=MiB, partitioning="spread",
+                       ring_bytes=MiB, enabled=True, ack="spool")
+        f = Forwarder(log, et, sink, KafkaConfig(retry_backoff_ms=10, max_inflight_batches_per_type=4))
+        f.start()
+        await f.stop(time.monotonic() + 5)
+        log.close()
+        return f
+
+    return asyncio.run(go())
+
+
+def test_forwarder_keeps_log_order_through_a_failed_send(tmp_path):
+    sink = _FlakySink(b"000", RuntimeError("broker gone"))
+    f = _forward(tmp_path, sink)
+    assert sink.arrived == [b"%03d" % i for i in range(6)]
+    assert f.stats.send_failures == 1 and f.stats.events_forwarded == 6
+    assert sp.read_checkpoint(tmp_path) == f.delivered and f.backlog_bytes == 0
+
+
+def test_a_record_kafka_refuses_for_good_goes_to_dead_letter(tmp_path):
+    """MESSAGE_TOO_LARGE for one record: it is kept in dead-letter/ in the
+    spool's record format, and the records behind it are delivered."""
+    from eventbroker.sinks import ProduceFailed
+
+    sink = _FlakySink(b"002", ProduceFailed("t", {0: "too large"}, {0: 10}), times=99)
+    f = _forward(tmp_path, sink)
+    assert sink.arrived == [b"000", b"001", b"003", b"004", b"005"]
+    assert f.stats.dead_lettered_events == 1 and f.stats.events_forwarded == 5
+    dead = list((tmp_path / "dead-letter").glob("*.rec"))
+    assert len(dead) == 1
+    n, entries, end = sp.parse_record(dead[0].read_bytes(), 0)
+    assert n == 1 and bytes(entries) == _tagged_entry(b"002")
+    assert sp.check_directory(tmp_path)["dead_letter_records"] == 1
+
+
+def test_a_hung_spool_write_hands_events_back_as_spool_unavailable(tmp_path):
+    """A write stuck longer than stall_timeout_ms: the type's producers are
+    answered retry-later spool_unavailable, not kafka_unavailable."""
+    from eventbroker.config import KafkaConfig, ServerConfig, SpoolConfig
+    from eventbroker.protocol import Reason
+    from eventbroker.router import Router
+    from eventbroker.sinks import NullSink
+
+    answers: list[tuple[str, int]] = []
+
+    class Target:
+        closed = False
+
+        def part_persisted(self, seq, ti, count):
+            answers.append(("persisted", 0))
+
+        def part_retry(self, seq, ti, count, reason, retry_ms):
+            answers.append(("retry", reason))
+
+    async def go():
+        from conftest import make_config
+
+        cfg = make_config("unused:1", {"audit": {"ack": "spool"}})
+        from eventbroker.config import resolve_types
+
+        router = Router(resolve_types(cfg), NullSink(), KafkaConfig(stall_timeout_ms=200), ServerConfig(),
+                        SpoolConfig(dir=str(tmp_path)))
+        lane = router.lanes["audit"]
+        real_append = lane.spool.append
+
+        def slow_append(*a):
+            time.sleep(0.8)
+            return real_append(*a)
+
+        lane.spool.append = slow_append
+        router.start()
+        import test_fastpath as tf
+
+        tf.ingest_events(router.core, [("audit", b"i" * 16, 1, None, b"payload")], now_ms=2)
+        lane.add_segment(Target(), 1, 0, 1)
+        await asyncio.sleep(1.2)
+        await router.stop(time.monotonic() + 1)
+        return lane
+
+    lane = asyncio.run(go())
+    assert answers == [("retry", Reason.SPOOL_UNAVAILABLE)]
+    assert lane.stats.sheds == 1

@@ -75,6 +75,7 @@ class TypeRing:
     pending_events: int
     pending_bytes: int
     events_in: int
+    bytes_in: int
     lane: Any
     admit_limit_bytes: int
     def __init__(

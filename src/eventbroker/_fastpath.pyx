@@ -418,6 +418,7 @@ cdef class TypeRing:
     cdef readonly Py_ssize_t pending_events
     cdef readonly Py_ssize_t pending_bytes
     cdef readonly unsigned long long events_in
+    cdef readonly unsigned long long bytes_in
     cdef public object lane
     # Parts are admitted while the shared budget stays under this many bytes
     # (a priority's share of the budget); 0: no shared budget.
@@ -534,6 +535,7 @@ cdef class TypeRing:
         self.pending_bytes += n
         self.pending_events += 1
         self.events_in += 1
+        self.bytes_in += n
         return 0
 
     def build_unit(self, Py_ssize_t max_bytes, int n_partitions, int sticky_partition):

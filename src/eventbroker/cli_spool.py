@@ -94,6 +94,7 @@ async def _replay(cfg: Config, bootstrap: str, dirs: list[Path], timeout_s: floa
     spools: list[SpoolLog] = []
     forwarders: list[Forwarder] = []
     slots = PrioritySlots(cfg.kafka.max_inflight_requests)
+    deadline = 0.0
     try:
         for d in dirs:
             sp = SpoolLog(d, segment_bytes=cfg.spool.segment_bytes, fsync=cfg.spool.fsync, name=d.name)
@@ -104,8 +105,10 @@ async def _replay(cfg: Config, bootstrap: str, dirs: list[Path], timeout_s: floa
             print(f"{d.name}: {sp.pending_bytes} bytes to deliver to {types[d.name].topic}", file=sys.stderr)
             f.start()
         deadline = time.monotonic() + timeout_s
-        await asyncio.gather(*(f.stop(deadline) for f in forwarders))
     finally:
+        # Runs on error too: forwarders already started are stopped before
+        # their spools close under them.
+        await asyncio.gather(*(f.stop(deadline) for f in forwarders))
         for sp in spools:
             sp.close()
         await sink.stop()

@@ -63,7 +63,7 @@ class AckTarget(Protocol):
 
 
 class Segment:
-    __slots__ = ("target", "batch_seq", "type_index", "count", "unassigned", "unacked")
+    __slots__ = ("target", "batch_seq", "type_index", "count", "unassigned", "unacked", "created")
 
     def __init__(self, target: AckTarget, batch_seq: int, type_index: int, count: int) -> None:
         self.target = target
@@ -72,6 +72,7 @@ class Segment:
         self.count = count
         self.unassigned = count
         self.unacked = count
+        self.created = time.monotonic()
 
 
 class Unit:
@@ -179,6 +180,10 @@ class Lane:
         self.state = LaneState.CLOSED
         self._shed_backoff_s = kcfg.retry_backoff_ms / 1000
         self.stats = LaneStats()
+        self.shed_reason: int = Reason.KAFKA_UNAVAILABLE  # what producers are told when this type sheds
+        # Histogram children (metrics.py); None when metrics are off.
+        self.produce_seconds = None
+        self.ack_seconds = None
 
     @property
     def priority_rank(self) -> int:
@@ -331,7 +336,10 @@ class Lane:
         try:
             while True:
                 try:
+                    t0 = time.monotonic()
                     await self.sink.send(self.etype.topic, unit.batches)
+                    if self.produce_seconds is not None:
+                        self.produce_seconds.observe(time.monotonic() - t0)
                     break
                 except asyncio.CancelledError:
                     raise
@@ -367,10 +375,14 @@ class Lane:
             self.state = LaneState.CLOSED
             self.stats.last_error = ""
             self._shed_backoff_s = self._kcfg.retry_backoff_ms / 1000
+        ack_seconds = self.ack_seconds
+        now = time.monotonic()
         for seg, n in unit.contribs:
             seg.unacked -= n
             if seg.unacked == 0 and not seg.target.closed:
                 seg.target.part_persisted(seg.batch_seq, seg.type_index, seg.count)
+                if ack_seconds is not None:
+                    ack_seconds.observe(now - seg.created)
         units = self._units
         while units and units[0].done:
             u = units.popleft()
@@ -401,10 +413,12 @@ class Lane:
         elif self._metadata_failing_since and now - self._metadata_failing_since > stall_s:
             self.shed(f"no metadata for {self.etype.topic} for {now - self._metadata_failing_since:.1f}s")
 
-    def shed(self, why: str, reason: int = Reason.KAFKA_UNAVAILABLE) -> None:
+    def shed(self, why: str, reason: int | None = None) -> None:
         """Answer everything this type holds retry-later, drop it, stop accepting."""
         if self.state is LaneState.OPEN:
             return
+        if reason is None:
+            reason = self.shed_reason
         if self.state is LaneState.HALF_OPEN:  # the probe failed: back off further
             self._shed_backoff_s = self._next_backoff(self._shed_backoff_s)
         self.state = LaneState.OPEN

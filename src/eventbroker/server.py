@@ -42,7 +42,8 @@ _NOT_OUR_PROTOCOL = {ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNKNOWN_FRAME_TYPE, Er
 
 
 class ServerStats:
-    __slots__ = ("connections", "connections_total", "protocol_errors", "batches", "acks_sent")
+    __slots__ = ("connections", "connections_total", "protocol_errors", "batches", "acks_sent", "rejected",
+                 "retry_later")
 
     def __init__(self) -> None:
         self.connections = 0
@@ -50,6 +51,10 @@ class ServerStats:
         self.protocol_errors = 0
         self.batches = 0
         self.acks_sent = 0
+        # (type name, reason) -> events; names of unconfigured types are not
+        # kept (producers choose them): they count under "<unknown>".
+        self.rejected: dict[tuple[str, int], int] = {}
+        self.retry_later: dict[tuple[str, int], int] = {}
 
 
 class IngestProtocol(asyncio.Protocol):
@@ -176,9 +181,12 @@ class IngestProtocol(asyncio.Protocol):
                 ring.lane.add_segment(self, seq, ti, count)
                 self._parts_owed += 1
                 continue
+            lane = server.router.lane_for(names[ti])
+            key = (lane.etype.name if lane is not None else "<unknown>", reason)
+            counts = server.stats.rejected if status == Status.REJECTED else server.stats.retry_later
+            counts[key] = counts.get(key, 0) + count
             retry_ms = 0
             if status == Status.RETRY_LATER:
-                lane = server.router.lane_for(names[ti])
                 if reason in (Reason.KAFKA_UNAVAILABLE, Reason.SPOOL_UNAVAILABLE) and lane is not None:
                     retry_ms = lane.retry_after_ms
                 else:

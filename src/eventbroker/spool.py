@@ -33,7 +33,7 @@ import logging
 import os
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -124,8 +124,11 @@ class SegmentScan:
     size: int
     records: int = 0
     events: int = 0
-    valid_end: int = SEGMENT_HEADER_BYTES
-    problem: str = ""  # empty: every byte parsed
+    valid_end: int = SEGMENT_HEADER_BYTES  # where parsing stopped (== size when it reached the end)
+    problem: str = ""  # why parsing stopped before the end; empty: it did not
+    # Whole records whose checksum failed (length plausible, next record
+    # parses): skipped one by one, the records around them are kept.
+    damaged: list[tuple[int, int]] = field(default_factory=list)  # (offset, bytes)
 
 
 def scan_segment(path: Path, expect_number: int | None = None) -> SegmentScan:
@@ -150,13 +153,30 @@ def scan_segment(path: Path, expect_number: int | None = None) -> SegmentScan:
     while pos < len(data):
         r = parse_record(data, pos)
         if isinstance(r, str):
-            scan.problem = f"{r} at byte {pos}"
-            break
+            end = _damaged_record_end(data, pos, r)
+            if end is None:  # the segment cannot be parsed past here
+                scan.problem = f"{r} at byte {pos}"
+                break
+            scan.damaged.append((pos, end - pos))
+            pos = end
+            continue
         scan.records += 1
         scan.events += r[0]
         pos = r[2]
     scan.valid_end = pos
     return scan
+
+
+def _damaged_record_end(data: bytes | memoryview, pos: int, why: str) -> int | None:
+    """Where a record that failed its checksum ends, if reading can go on there:
+    its length was plausible and a record (or the end of the data) follows."""
+    if why != "checksum mismatch":
+        return None
+    (length, _) = RECORD_HEADER.unpack_from(data, pos)
+    end = pos + RECORD_HEADER_BYTES + length
+    if end == len(data):
+        return None  # the last record: a torn tail, not a damaged record
+    return end if not isinstance(parse_record(data, end), str) else None
 
 
 def list_segments(directory: Path) -> list[int]:
@@ -227,6 +247,7 @@ class SpoolLog:
         self._lock_fd = -1
         self._dirty = False
         self._write_lock = threading.Lock()
+        self.broken = ""  # set when the log cannot be appended to safely any more
 
     # opening and closing
 
@@ -263,22 +284,30 @@ class SpoolLog:
             if n < cp.segment:  # delivered before the last checkpoint: deletion was cut short
                 (d / segment_name(n)).unlink(missing_ok=True)
         segments = [n for n in segments if n >= cp.segment]
+        if segments and cp.segment < segments[0]:
+            # The checkpoint's segment is gone (deleted by hand, or a crash
+            # kept the deletions but not the new checkpoint): start at the
+            # oldest segment there is.
+            log.warning("type %s: checkpoint %s names a missing segment; delivering from segment %d",
+                        self.name, cp, segments[0])
+            cp = Position(segments[0], SEGMENT_HEADER_BYTES)
         pending_events = 0
         for n in segments:
             path = d / segment_name(n)
             scan = scan_segment(path, n)
-            if scan.problem:
+            if scan.damaged:
+                self.stats.corrupt_records += len(scan.damaged)
+                self.stats.corrupt_bytes_skipped += sum(b for _, b in scan.damaged)
+                log.error("type %s: spool segment %s has %d damaged record(s) (checksum mismatch); "
+                          "they will be skipped, the records around them delivered", self.name, path,
+                          len(scan.damaged))
+            if scan.problem and n == segments[-1]:
+                # A crash can only tear the end of the newest segment.
                 lost = scan.size - scan.valid_end
-                if n == segments[-1]:
-                    self.stats.torn_tails_truncated += 1
-                    self.stats.torn_bytes_truncated += lost
-                    log.warning("type %s: spool segment %s has a torn tail (%s); truncated %d bytes",
-                                self.name, path, scan.problem, lost)
-                else:
-                    self.stats.corrupt_records += 1
-                    self.stats.corrupt_bytes_skipped += lost
-                    log.error("type %s: spool segment %s is damaged (%s); %d bytes after it dropped",
-                              self.name, path, scan.problem, lost)
+                self.stats.torn_tails_truncated += 1
+                self.stats.torn_bytes_truncated += lost
+                log.warning("type %s: spool segment %s has a torn tail (%s); truncated %d bytes",
+                            self.name, path, scan.problem, lost)
                 if scan.valid_end < SEGMENT_HEADER_BYTES:  # no usable header: rewrite one
                     with open(path, "r+b") as f:
                         f.truncate(0)
@@ -286,7 +315,12 @@ class SpoolLog:
                     scan.valid_end = SEGMENT_HEADER_BYTES
                 else:
                     os.truncate(path, scan.valid_end)
-            self._sizes[n] = scan.valid_end
+                self._sizes[n] = scan.valid_end
+            else:
+                if scan.problem:  # an older segment: left as it is; the reader skips what is bad
+                    log.error("type %s: spool segment %s is damaged (%s); the %d bytes after it will be skipped",
+                              self.name, path, scan.problem, scan.size - scan.valid_end)
+                self._sizes[n] = scan.size
             pending_events += scan.events
         if cp.segment in self._sizes and cp.offset > self._sizes[cp.segment]:
             log.error("type %s: checkpoint %s is past the end of its segment; delivering from its start",
@@ -346,6 +380,8 @@ class SpoolLog:
         if n_records is None:
             n_records = len(records)
         with self._write_lock:
+            if self.broken:
+                raise SpoolWriteFailed(self.directory, OSError(errno.EIO, self.broken))
             path = self.directory / segment_name(self._active)
             try:
                 if self._sizes[self._active] + len(data) > self.segment_bytes and \
@@ -376,8 +412,12 @@ class SpoolLog:
             except OSError as e:
                 self.stats.write_failures += 1
                 self.stats.last_error = str(e)
-                with contextlib.suppress(OSError):
+                try:
                     os.ftruncate(self._fd, start)
+                except OSError as e2:
+                    # Part of a record stays in the file: appending after it
+                    # would put acknowledged records behind garbage.
+                    self.broken = f"cannot cut back a failed write ({e2.strerror}); restart to recover"
                 raise SpoolWriteFailed(path, e) from None
             self._sizes[self._active] = start + len(data)
             self.stats.records_written += n_records
@@ -388,8 +428,8 @@ class SpoolLog:
         """fsync the active segment if anything was written since the last one."""
         with self._write_lock:
             if self._dirty and self._fd >= 0:
-                self._dirty = False
                 os.fsync(self._fd)
+                self._dirty = False
                 self.stats.fsyncs += 1
 
     # reading (one reader thread)
@@ -412,30 +452,43 @@ class SpoolLog:
                 total += max(0, size - cp.offset)
         return total
 
+    def _next_segment(self, after: int) -> int | None:
+        later = [n for n in list(self._sizes) if n > after]
+        return min(later) if later else None
+
+    def _resume_after_damage(self, segment: int, size: int) -> Position:
+        nxt = self._next_segment(segment)
+        return Position(nxt, SEGMENT_HEADER_BYTES) if nxt is not None else Position(segment, size)
+
     def read(self, pos: Position, max_bytes: int) -> tuple[list[Record], Corrupt | None]:
         """Records from ``pos`` on, about ``max_bytes`` of them, never past what was written.
 
         Returns the records and, when one did not parse, where and why, and
-        where reading goes on (the next segment: nothing after a bad record in
-        its segment can be trusted)."""
+        where reading goes on: after that record when only its checksum
+        failed, else at the next segment (the rest of this one cannot be
+        parsed)."""
         out: list[Record] = []
         total = 0
         while total < max_bytes:
             size = self._sizes.get(pos.segment)
             if size is None or pos.offset >= size:
-                if pos.segment + 1 in self._sizes:
-                    pos = Position(pos.segment + 1, SEGMENT_HEADER_BYTES)
+                nxt = self._next_segment(pos.segment)
+                if nxt is not None:
+                    pos = Position(nxt, SEGMENT_HEADER_BYTES)
                     continue
                 break
             avail = size - pos.offset
-            with open(self.directory / segment_name(pos.segment), "rb") as f:
-                f.seek(pos.offset)
-                buf = f.read(min(avail, max(max_bytes - total, 64 * 1024)))
-                if len(buf) >= RECORD_HEADER_BYTES:  # make sure the first record is whole
-                    (length, _) = RECORD_HEADER.unpack_from(buf)
-                    need = RECORD_HEADER_BYTES + length
-                    if length <= MAX_RECORD_BYTES and len(buf) < need <= avail:
-                        buf += f.read(need - len(buf))
+            try:
+                with open(self.directory / segment_name(pos.segment), "rb") as f:
+                    f.seek(pos.offset)
+                    buf = f.read(min(avail, max(max_bytes - total, 64 * 1024)))
+                    if len(buf) >= RECORD_HEADER_BYTES:  # make sure the first record is whole
+                        (length, _) = RECORD_HEADER.unpack_from(buf)
+                        need = RECORD_HEADER_BYTES + length
+                        if length <= MAX_RECORD_BYTES and len(buf) < need <= avail:
+                            buf += f.read(need - len(buf))
+            except FileNotFoundError:
+                buf = b""
             view = memoryview(buf)
             at = 0
             while at < len(view):
@@ -444,13 +497,18 @@ class SpoolLog:
                     if at and r.startswith("short") and pos.offset + len(view) < size:
                         break  # the record goes on past this read: read again from it
                     bad = Position(pos.segment, pos.offset + at)
-                    resume = Position(pos.segment + 1, SEGMENT_HEADER_BYTES) \
-                        if pos.segment + 1 in self._sizes else Position(pos.segment, size)
-                    return out, Corrupt(bad, r, resume, size - bad.offset)
+                    if r == "checksum mismatch":
+                        (length, _) = RECORD_HEADER.unpack_from(view, at)
+                        skip = RECORD_HEADER_BYTES + length
+                        return out, Corrupt(bad, r, Position(pos.segment, bad.offset + skip), skip)
+                    return out, Corrupt(bad, r, self._resume_after_damage(pos.segment, size), size - bad.offset)
                 n_events, entries, end = r
                 out.append(Record(n_events, entries, Position(pos.segment, pos.offset + end)))
                 total += end - at
                 at = end
+            if at == 0:  # the file is shorter than what was written to it
+                reason = f"segment ends at byte {pos.offset + len(view)}, expected {size}"
+                return out, Corrupt(pos, reason, self._resume_after_damage(pos.segment, size), size - pos.offset)
             pos = Position(pos.segment, pos.offset + at)
         return out, None
 
@@ -465,6 +523,8 @@ class SpoolLog:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, self.directory / "forwarded")
+        if self.fsync_policy != "never":
+            _fsync_dir(self.directory)  # the rename before the deletions below
         self.checkpoint = pos
         for n in sorted(self._sizes):
             if n < pos.segment:
@@ -472,10 +532,26 @@ class SpoolLog:
                 del self._sizes[n]
 
 
+def write_dead_letter(type_dir: Path, at: Position, record: bytes) -> Path:
+    """Keep a record Kafka refuses for good (too large, corrupt) out of the way:
+    ``dead-letter/<segment>-<offset>.rec`` holds it in the spool's record format."""
+    d = type_dir / "dead-letter"
+    d.mkdir(exist_ok=True)
+    path = d / f"{at.segment:020d}-{at.offset:012d}.rec"
+    with open(path, "wb") as f:
+        f.write(record)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(d)
+    return path
+
+
 def check_directory(type_dir: Path, repair: bool = False) -> dict:
     """Inspect (and with ``repair``, truncate) one type's spool directory offline."""
+    dead = sorted((type_dir / "dead-letter").glob("*.rec")) if (type_dir / "dead-letter").is_dir() else []
     report: dict = {"type": type_dir.name, "dir": str(type_dir), "segments": [], "problems": [],
-                    "pending_events": 0, "pending_bytes": 0, "repaired": []}
+                    "pending_events": 0, "pending_bytes": 0, "repaired": [],
+                    "dead_letter_records": len(dead)}
     try:
         cp = read_checkpoint(type_dir)
     except SpoolError as e:
@@ -488,8 +564,11 @@ def check_directory(type_dir: Path, repair: bool = False) -> dict:
         delivered = cp is not None and n < cp.segment
         report["segments"].append({
             "file": path.name, "bytes": scan.size, "records": scan.records, "events": scan.events,
-            "delivered": delivered, "problem": scan.problem,
+            "delivered": delivered, "problem": scan.problem, "damaged_records": len(scan.damaged),
         })
+        for off, nbytes in scan.damaged:
+            report["problems"].append(f"{path}: damaged record (checksum mismatch) at byte {off}, {nbytes} bytes; "
+                                      "the daemon skips it and delivers the records around it")
         if not delivered:
             start = cp.offset if cp is not None and n == cp.segment else SEGMENT_HEADER_BYTES
             report["pending_bytes"] += max(0, scan.valid_end - start)

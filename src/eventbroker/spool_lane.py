@@ -32,8 +32,15 @@ from eventbroker import _fastpath as fp
 from eventbroker.config import PRIORITY_ORDER, EventType, KafkaConfig, ServerConfig, SpoolConfig
 from eventbroker.protocol import Reason
 from eventbroker.router import Lane, LaneState, PrioritySlots, Unit
-from eventbroker.sinks import Sink
-from eventbroker.spool import Position, SpoolLog, SpoolWriteFailed, record_prefix
+from eventbroker.sinks import ProduceFailed, Sink
+from eventbroker.spool import (
+    Position,
+    SpoolLog,
+    SpoolWriteFailed,
+    encode_record,
+    record_prefix,
+    write_dead_letter,
+)
 
 log = logging.getLogger("eventbroker.spool")
 
@@ -43,9 +50,10 @@ _HUGE = 1 << 60
 
 class ForwarderStats:
     __slots__ = ("events_forwarded", "records_forwarded", "send_failures", "corrupt_records",
-                 "corrupt_bytes_skipped", "last_error")
+                 "corrupt_bytes_skipped", "dead_lettered_events", "last_error")
 
     def __init__(self) -> None:
+        self.dead_lettered_events = 0
         self.events_forwarded = 0
         self.records_forwarded = 0
         self.send_failures = 0
@@ -54,10 +62,18 @@ class ForwarderStats:
         self.last_error = ""
 
 
-class _Item:
-    __slots__ = ("end", "n_events", "done", "batches")
+# Kafka errors no retry of the same record can fix: corrupt message, message
+# too large, record list too large, invalid record. Such a record goes to the
+# type's dead-letter directory so the records behind it are not held forever.
+_PERMANENT_CODES = frozenset({2, 10, 18, 87})
 
-    def __init__(self, end: Position, n_events: int, batches: list[tuple[int, bytes, int]] | None = None) -> None:
+
+class _Item:
+    __slots__ = ("start", "end", "n_events", "done", "batches")
+
+    def __init__(self, start: Position, end: Position, n_events: int,
+                 batches: list[tuple[int, bytes, int]] | None = None) -> None:
+        self.start = start
         self.end = end
         self.n_events = n_events
         self.done = False
@@ -78,7 +94,9 @@ class Forwarder:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix=f"spool-read:{etype.name}")
         self._scratch = fp.TypeRing(etype.name, capacity_bytes=_HUGE, max_event_bytes=etype.max_event_bytes,
                                     by_key=etype.partitioning == "key")
-        self._slots = asyncio.Semaphore(kcfg.max_inflight_batches_per_type)
+        # One record in flight: a failed record is resent before anything
+        # after it goes out, so the spool reaches Kafka strictly in order.
+        self._slots = asyncio.Semaphore(1)
         self._wakeup = asyncio.Event()
         self._inflight: deque[_Item] = deque()  # sent or being sent, in log order
         self._failed: list[_Item] = []  # their sends failed: resent in order by _recover
@@ -92,6 +110,7 @@ class Forwarder:
         self.position = spool.checkpoint  # the next record to read
         self.delivered = spool.checkpoint  # everything before it is in Kafka
         self.stats = ForwarderStats()
+        self.produce_seconds = None  # a histogram child (metrics.py), when metrics are on
 
     @property
     def backlog_bytes(self) -> int:
@@ -121,7 +140,7 @@ class Forwarder:
         except OSError as e:
             log.error("type %s: cannot save the spool checkpoint: %s", self.etype.name, e)
         finally:
-            self._reader.shutdown(wait=True)
+            self._reader.shutdown(wait=False)
         left = self.backlog_bytes
         if left:
             log.warning("type %s: %d spooled bytes not yet in Kafka; they go out when the daemon starts again",
@@ -147,7 +166,7 @@ class Forwarder:
                 continue
             records, corrupt = await loop.run_in_executor(self._reader, self.spool.read, self.position, max_read)
             for rec in records:
-                await self._send_record(rec.n_events, rec.entries, rec.end)
+                await self._send_record(rec.n_events, rec.entries, self.position, rec.end)
             if corrupt is not None:
                 self.stats.corrupt_records += 1
                 self.stats.corrupt_bytes_skipped += corrupt.skipped_bytes
@@ -159,13 +178,13 @@ class Forwarder:
                     await asyncio.wait_for(self._wakeup.wait(), 1.0)
 
     def _skip_to(self, pos: Position) -> None:
-        item = _Item(pos, 0)
+        item = _Item(pos, pos, 0)
         item.done = True
         self._inflight.append(item)
         self.position = pos
         self._advance()
 
-    async def _send_record(self, n_events: int, entries: memoryview, end: Position) -> None:
+    async def _send_record(self, n_events: int, entries: memoryview, start: Position, end: Position) -> None:
         batches: list[tuple[int, bytes, int]] = []
         if self.sink.builds_batches:
             while self._partitions == 0:
@@ -193,15 +212,17 @@ class Forwarder:
             batches, _, n_bytes, end_seq, end_off = built
             self._scratch.release(n_bytes, end_seq, end_off)
         self.position = end
-        if self._failed:  # a send failed meanwhile: nothing new goes out before it
-            await self._recover()
         await self._slots.acquire()
+        while self._failed:  # a send failed meanwhile: nothing newer goes out before it
+            self._slots.release()
+            await self._recover()
+            await self._slots.acquire()
         try:
             await self._requests.acquire(self._rank)
         except BaseException:
             self._slots.release()
             raise
-        item = _Item(end, n_events, batches)
+        item = _Item(start, end, n_events, batches)
         self._inflight.append(item)
         t = asyncio.get_running_loop().create_task(self._deliver(item))
         self._sends.add(t)
@@ -213,21 +234,30 @@ class Forwarder:
         self._requests.release()
 
     async def _deliver(self, item: _Item) -> None:
-        """One pipelined send. A failure is not retried here: ``_recover``
-        resends failed records one at a time, in log order, so a retry never
-        overtakes a record sent after it."""
-        if item.batches:
-            try:
-                await self.sink.send(self.etype.topic, item.batches)
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                self.stats.send_failures += 1
-                self._note(f"produce to {self.etype.topic} failed: {e!r}")
-                self._failed.append(item)
-                self._wakeup.set()
-                return
+        """One send. A failure is not retried here: ``_recover`` resends
+        failed records one at a time, in log order, before anything newer."""
+        try:
+            await self._send(item)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self._failed.append(item)
+            self._send_failed(e)
+            self._wakeup.set()
+            return
         self._delivered(item)
+
+    async def _send(self, item: _Item) -> None:
+        if item.batches:
+            t0 = time.monotonic()
+            await self.sink.send(self.etype.topic, item.batches)
+            if self.produce_seconds is not None:
+                self.produce_seconds.observe(time.monotonic() - t0)
+
+    def _send_failed(self, e: Exception) -> None:
+        self.stats.send_failures += 1
+        self._partitions = 0  # the topic may have changed: look it up again
+        self._note(f"produce to {self.etype.topic} failed: {e!r}")
 
     async def _recover(self) -> None:
         """Let every pipelined send finish, then resend the failed ones in order."""
@@ -241,17 +271,37 @@ class Forwarder:
                 await asyncio.sleep(backoff)
                 await self._requests.acquire(self._rank)
                 try:
-                    await self.sink.send(self.etype.topic, item.batches or [])
+                    await self._send(item)
                     break
                 except asyncio.CancelledError:
                     raise
                 except Exception as e:
-                    self.stats.send_failures += 1
-                    self._note(f"produce to {self.etype.topic} failed: {e!r}")
+                    self._send_failed(e)
+                    if isinstance(e, ProduceFailed) and e.codes and set(e.codes.values()) <= _PERMANENT_CODES:
+                        await self._dead_letter(item, e)
+                        break
                     backoff = min(backoff * 2, self._kcfg.retry_backoff_max_ms / 1000)
                 finally:
                     self._requests.release()
             self._delivered(item)
+
+    async def _dead_letter(self, item: _Item, e: ProduceFailed) -> None:
+        """Kafka refuses this record for good: keep it in dead-letter/, go on with the rest."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                recs, _ = await loop.run_in_executor(self._reader, self.spool.read, item.start, 1)
+                record = encode_record(recs[0].n_events, bytes(recs[0].entries))
+                path = await loop.run_in_executor(self._reader, write_dead_letter, self.spool.directory,
+                                                  item.start, record)
+                break
+            except OSError as err:
+                self._note(f"cannot write the dead-letter file: {err}")
+                await asyncio.sleep(self._kcfg.retry_backoff_max_ms / 1000)
+        self.stats.dead_lettered_events += item.n_events
+        item.n_events = 0  # not forwarded
+        log.error("type %s: Kafka refuses a spooled record of topic %s for good (%s); its events are kept in "
+                  "%s and the spool goes on", self.etype.name, self.etype.topic, e, path)
 
     def _delivered(self, item: _Item) -> None:
         if self.stats.last_error:
@@ -272,12 +322,13 @@ class Forwarder:
             self._commit_task = asyncio.get_running_loop().create_task(self._commit_later())
 
     async def _commit_later(self) -> None:
-        await asyncio.sleep(_COMMIT_EVERY_S)
         loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._reader, self.spool.commit, self.delivered)
-        except OSError as e:
-            self._note(f"cannot save the spool checkpoint: {e}")
+        while self.delivered != self.spool.checkpoint:  # deliveries during a commit are committed next
+            await asyncio.sleep(_COMMIT_EVERY_S)
+            try:
+                await loop.run_in_executor(self._reader, self.spool.commit, self.delivered)
+            except OSError as e:
+                self._note(f"cannot save the spool checkpoint: {e}")
 
     def _note(self, what: str) -> None:
         now = time.monotonic()
@@ -298,6 +349,7 @@ class SpoolLane(Lane):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"spool-write:{etype.name}")
         self.forwarder = Forwarder(spool, etype, sink, kcfg, self._requests)
         self._syncer: asyncio.Task[None] | None = None
+        self.shed_reason = Reason.SPOOL_UNAVAILABLE
 
     def start(self) -> None:
         super().start()
@@ -328,7 +380,18 @@ class SpoolLane(Lane):
             except OSError as e:
                 log.error("type %s: fsync of the spool failed: %s", self.etype.name, e)
 
+    def _check_stall(self, stall_s: float) -> None:
+        """A write to the spool that takes longer than stall_timeout_ms (a hung
+        disk) hands the type's events back, like a stalled topic does."""
+        if self.state is LaneState.OPEN:
+            return
+        oldest = self._units[0].created if self._units else 0.0
+        if oldest and time.monotonic() - oldest > stall_s:
+            self.shed(f"a write to the spool has taken {time.monotonic() - oldest:.1f}s")
+
     def _room_problem(self) -> str:
+        if self.spool.broken:
+            return self.spool.broken
         pending = self.spool.pending_bytes
         if pending >= self._scfg.max_bytes_per_type:
             return (f"spool holds {pending} undelivered bytes, its limit "
@@ -361,7 +424,7 @@ class SpoolLane(Lane):
                 last_room_check = now
                 why = self._room_problem()
                 if why:
-                    self.shed(why, Reason.SPOOL_UNAVAILABLE)
+                    self.shed(why)
                     continue
             units: list[Unit] = []
             pieces: list[bytes] = []
@@ -382,7 +445,7 @@ class SpoolLane(Lane):
                 await loop.run_in_executor(self._writer, self.spool.append, pieces, len(units))
             except SpoolWriteFailed as e:
                 self._note_failure(f"spool write failed: {e}")
-                self.shed(f"cannot write the spool: {e}", Reason.SPOOL_UNAVAILABLE)
+                self.shed(f"cannot write the spool: {e}")
                 continue
             self.spool.stats.events_written += sum(u.n_events for u in units)
             for unit in units:
