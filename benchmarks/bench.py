@@ -164,7 +164,7 @@ class Bench:
 
         port = free_port()
         conf = self.tmp / f"daemon-{port}.toml"
-        lines = [f'[kafka]\nsink = "{sink}"\nbootstrap_servers = "{self.bootstrap}"\n',
+        lines = ['[server]\nadmin_listen = ""\n', f'[kafka]\nsink = "{sink}"\nbootstrap_servers = "{self.bootstrap}"\n',
                  f'create_topics = {str(create_topics).lower()}\ntopic_partitions = 4\n']
         if self.args.linger_ms is not None:
             lines.append(f"linger_ms = {self.args.linger_ms}\n")
@@ -175,7 +175,8 @@ class Bench:
         conf.write_text("".join(lines))
         log = open(self.tmp / f"daemon-{port}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "eventbroker.cli", "serve", "--config", str(conf), "--listen", f"127.0.0.1:{port}"],
+            [sys.executable, "-m", "eventbroker.cli", "serve", "--single-process", "--config", str(conf),
+             "--listen", f"127.0.0.1:{port}"],
             stdout=log, stderr=subprocess.STDOUT,
         )
         try:

@@ -94,7 +94,7 @@ def make_config(
         opts.setdefault("topic", f"{prefix}.{name}")
         tcfg[name] = EventTypeConfig(**opts)
     return Config(
-        server=ServerConfig(listen="127.0.0.1:0", **(server or {})),
+        server=ServerConfig(**{"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", **(server or {})}),
         kafka=KafkaConfig(**{"bootstrap_servers": bootstrap, "linger_ms": 1, **(kafka or {})}),
         spool=SpoolConfig(**(spool or {})),
         types=tcfg,
@@ -191,7 +191,8 @@ def read_ids(bootstrap: str, topic: str, want: set[bytes], timeout_s: float = 60
 def serve_daemon(conf, port: int, log) -> subprocess.Popen:
     """``eventbroker serve`` as its own process on 127.0.0.1:port; returns once it listens."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "eventbroker.cli", "serve", "--config", str(conf), "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "eventbroker.cli", "serve", "--single-process", "--config", str(conf),
+         "--listen", f"127.0.0.1:{port}"],
         stdout=log, stderr=subprocess.STDOUT,
     )
     wait_for_port("127.0.0.1", port, 60, proc)

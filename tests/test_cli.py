@@ -59,7 +59,8 @@ def test_produce_100k_events_of_three_types(tmp_path, kafka_bootstrap):
     port = free_port()
     per_type = {"play": 33_334, "search": 33_333, "client_log": 33_333}
     sent: dict[str, list[bytes]] = {}
-    with serve(["--config", str(conf), "--listen", f"127.0.0.1:{port}"], tmp_path / "serve.log", port) as proc:
+    with serve(["--single-process", "--config", str(conf), "--listen", f"127.0.0.1:{port}"], tmp_path / "serve.log",
+               port) as proc:
         procs = {}
         for t, n in per_type.items():
             lines = [orjson.dumps({"type": t, "i": i, "user": f"u{i % 97}", "pad": "x" * 120}) for i in range(n)]
@@ -89,7 +90,8 @@ def test_produce_reports_rejections_and_fails(tmp_path, kafka_bootstrap):
     cfg = make_config(kafka_bootstrap, {"play": {"max_event_bytes": 50}})
     conf = _write_config(tmp_path, cfg)
     port = free_port()
-    with serve(["--config", str(conf), "--listen", f"127.0.0.1:{port}"], tmp_path / "serve.log", port):
+    with serve(["--single-process", "--config", str(conf), "--listen", f"127.0.0.1:{port}"], tmp_path / "serve.log",
+               port):
         r = produce("nosuch", [b'{"a":1}', b'{"a":2}'], port)
         assert r.returncode == 1
         assert orjson.loads(r.stdout)["rejected"] == {"unknown_type": 2}
@@ -105,7 +107,8 @@ def test_tail_prints_what_was_sent(tmp_path, kafka_bootstrap):
     conf = _write_config(tmp_path, cfg)
     port = free_port()
     lines = [orjson.dumps({"song": i}) for i in range(5)]
-    with serve(["--config", str(conf), "--listen", f"127.0.0.1:{port}"], tmp_path / "serve.log", port):
+    with serve(["--single-process", "--config", str(conf), "--listen", f"127.0.0.1:{port}"], tmp_path / "serve.log",
+               port):
         assert produce("play", lines, port).returncode == 0
     r = subprocess.run(
         [*EB, "tail", "--type", "play", "--config", str(conf), "--max-events", "5", "--idle-exit-ms", "20000"],
@@ -121,7 +124,8 @@ def test_serve_on_embedded_default_starts_and_stops_its_broker(tmp_path):
     """No Kafka configured: serve starts Tansu itself, events flow, SIGTERM stops both."""
     kport, port = free_port(), free_port()
     conf = tmp_path / "eventbroker.toml"
-    conf.write_text(f'[kafka]\nembedded_port = {kport}\n[types.play]\npriority = "critical"\n')
+    conf.write_text(f'[server]\nadmin_listen = "127.0.0.1:0"\n[kafka]\nembedded_port = {kport}\n'
+                    '[types.play]\npriority = "critical"\n')
     log = tmp_path / "serve.log"
     with serve(["--config", str(conf), "--listen", f"127.0.0.1:{port}"], log, port) as proc:
         r = produce("play", [b'{"hello":"world"}'], port)

@@ -486,7 +486,8 @@ async def test_disk_full_answers_retry_later_and_never_half_acks(tmp_path, kafka
         resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, 256 * 1024))
 
     proc = subprocess.Popen(  # noqa: ASYNC220 - returns at once
-        [sys.executable, "-m", "eventbroker.cli", "serve", "--config", str(conf), "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "eventbroker.cli", "serve", "--single-process", "--config", str(conf),
+         "--listen", f"127.0.0.1:{port}"],
         stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit_file_size)
     from eventbroker.embedded import wait_for_port
 
@@ -596,7 +597,8 @@ def test_daemon_refuses_a_spool_directory_in_use(tmp_path, kafka_bootstrap):
     held = _open(tmp_path / "spool" / "audit")
     try:
         conf = _write_conf(tmp_path, cfg)
-        r = _cli("serve", "--config", str(conf), "--listen", f"127.0.0.1:{free_port()}", timeout=60)
+        r = _cli("serve", "--single-process", "--config", str(conf), "--listen", f"127.0.0.1:{free_port()}",
+                 timeout=60)
         assert r.returncode == 1
         assert "spool directory is in use by another eventbroker process" in r.stderr
     finally:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 log = logging.getLogger("eventbroker.admin")
 
@@ -27,8 +27,8 @@ _MAX_BODY = 1 << 20
 class AdminServer:
     """Routes ``(method, path)`` to handlers; listens on TCP or a unix socket."""
 
-    def __init__(self, routes: dict[tuple[str, str], Handler]) -> None:
-        self.routes = routes
+    def __init__(self, routes: Mapping[tuple[str, str], Handler]) -> None:
+        self.routes = dict(routes)
         self._server: asyncio.Server | None = None
         self.address = ""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,6 +23,7 @@ from eventbroker.config import (
     with_overrides,
 )
 from eventbroker.errors import ConfigError, EventBrokerError, EventRejected, ProducerClosed
+from eventbroker.logs import setup_logging
 
 log = logging.getLogger("eventbroker")
 
@@ -29,12 +31,7 @@ _DEFAULT_CONFIG = Path("config/eventbroker.toml")
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiokafka").setLevel(logging.WARNING)
+    setup_logging(verbose, "auto")
 
 
 def _config_path(arg: str | None) -> str | None:
@@ -57,8 +54,18 @@ def _run(coro) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from eventbroker.daemon import Daemon
 
-    cfg = with_overrides(load_config(_config_path(args.config)), listen=args.listen, kafka=args.kafka, sink=args.sink)
-    daemon = Daemon(cfg)
+    path = _config_path(args.config)
+    overrides = {k: v for k, v in (("listen", args.listen), ("kafka", args.kafka), ("sink", args.sink)) if v is not None}
+    cfg = with_overrides(load_config(path), **overrides)
+    if args.worker_of is None and not args.single_process:
+        from eventbroker.supervisor import run_supervisor
+
+        n = args.workers if args.workers is not None else (cfg.server.workers or os.cpu_count() or 1)
+        if n < 1:
+            raise ConfigError("--workers: must be at least 1 (or use --single-process)")
+        return asyncio.run(run_supervisor(cfg, path, overrides, n, args.log_format, args.verbose))
+    daemon = Daemon(cfg, config_path=path, overrides=overrides, control_socket=args.control_socket,
+                    worker_index=args.worker_index, reuse_port=True if args.worker_of is not None else None)
 
     async def main() -> int:
         await daemon.run_until_signalled()
@@ -285,6 +292,8 @@ def cmd_bench(bench_args: list[str]) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eventbroker", description="Event delivery gateway into per-type Kafka topics.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--log-format", choices=["auto", "text", "json"], default="auto",
+                   help="log lines as JSON or text (auto: text on a terminal, else JSON)")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="run the daemon")
@@ -292,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", help=f"HOST:PORT to accept producers on (default {DEFAULT_LISTEN})")
     s.add_argument("--kafka", help="Kafka bootstrap servers; without it an embedded development broker is started")
     s.add_argument("--sink", choices=["kafka", "null"], help="override [kafka] sink (null: discard, for benchmarks)")
+    s.add_argument("--workers", type=int, help="worker processes sharing the port (default: server.workers, "
+                   "else one per core); a supervisor restarts them, reloads them on SIGHUP and replaces them "
+                   "without downtime on SIGUSR2")
+    s.add_argument("--single-process", action="store_true",
+                   help="run the daemon in this process, without a supervisor (development, debugging)")
+    # Set by the supervisor for its workers.
+    s.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--control-socket", help=argparse.SUPPRESS)
     s.set_defaults(func=cmd_serve)
 
     pr = sub.add_parser("produce", help="send JSON lines from stdin as events of one type")
@@ -329,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(False)
         return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose, args.log_format)
     from aiokafka.errors import KafkaConnectionError, KafkaError
 
     try:

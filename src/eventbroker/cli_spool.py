@@ -24,8 +24,16 @@ def _spool_root(args: argparse.Namespace, cfg: Config) -> Path:
     return root
 
 
+def _is_type_dir(p: Path) -> bool:
+    return p.is_dir() and ((p / "lock").exists() or bool(list_segments(p)))
+
+
 def _type_dirs(root: Path, only: str | None) -> list[Path]:
-    dirs = sorted(p for p in root.iterdir() if p.is_dir() and ((p / "lock").exists() or list_segments(p)))
+    """The type directories of a spool: ``<root>/<type>`` (one process) and
+    ``<root>/slot-<n>/<type>`` (the slots of ``serve --workers``)."""
+    dirs = sorted(p for p in root.iterdir() if _is_type_dir(p))
+    for slot in sorted(root.glob("slot-*")):
+        dirs += sorted(p for p in slot.iterdir() if _is_type_dir(p))
     if only:
         dirs = [p for p in dirs if p.name == only]
         if not dirs:
@@ -61,7 +69,8 @@ def cmd_spool_check(args: argparse.Namespace, cfg: Config) -> int:
         for r in reports:
             segs = r["segments"]
             state = "in use by a running daemon; " if r["in_use"] else ""
-            print(f"{r['type']}: {state}{len(segs)} segment(s), {r['pending_events']} undelivered events "
+            where = Path(r["dir"]).relative_to(root)
+            print(f"{where}: {state}{len(segs)} segment(s), {r['pending_events']} undelivered events "
                   f"({r['pending_bytes']} bytes), checkpoint {r['checkpoint']}")
             for p in r["problems"]:
                 print(f"  problem: {p}")

@@ -19,6 +19,7 @@ from msgspec import Meta, Struct
 from eventbroker.errors import ConfigError
 
 DEFAULT_LISTEN = "127.0.0.1:7480"
+DEFAULT_ADMIN_LISTEN = "127.0.0.1:7481"
 DEFAULT_EMBEDDED_PORT = 19092
 
 TYPE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.\-]{0,63}$"
@@ -48,6 +49,12 @@ class ServerConfig(_Base, frozen=True):
     # retry-later first (above 50% of it), then normal (70%), then high (85%);
     # critical types are admitted up to the whole budget.
     memory_budget_bytes: Annotated[int, Meta(ge=1024 * 1024)] = 256 * 1024 * 1024
+    # /metrics, /healthz and /readyz over HTTP; "" turns them off.
+    admin_listen: str = DEFAULT_ADMIN_LISTEN
+    # Worker processes for `serve` (0: one per core); see supervisor.py.
+    workers: Annotated[int, Meta(ge=0, le=256)] = 0
+    # Bind the listener with SO_REUSEPORT (always on for workers).
+    reuse_port: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -58,6 +65,11 @@ class ServerConfig(_Base, frozen=True):
             raise ValueError("max_event_bytes: must not exceed max_frame_bytes")
         if self.memory_budget_bytes < 4 * self.max_frame_bytes:
             raise ValueError("memory_budget_bytes: must be at least 4 times max_frame_bytes")
+        if self.admin_listen:
+            try:
+                parse_host_port(self.admin_listen)
+            except ValueError as e:
+                raise ValueError(f"admin_listen: {e}") from None
 
 
 class KafkaConfig(_Base, frozen=True):
@@ -274,3 +286,27 @@ def with_overrides(
 
 def default_server_id() -> str:
     return socket.gethostname()
+
+
+# Keys a running daemon cannot change on reload (SIGHUP): they need a restart.
+_RESTART_KEYS = {
+    "server": ("listen", "admin_listen", "workers", "reuse_port", "server_id"),
+    "kafka": ("bootstrap_servers", "sink", "client_id", "embedded_port", "max_inflight_batches_per_type",
+              "max_inflight_requests", "request_timeout_ms", "create_topics", "topic_partitions",
+              "replication_factor"),
+    "spool": ("dir", "fsync", "fsync_interval_ms", "segment_bytes"),
+}
+
+
+def reload_blockers(old: Config, new: Config) -> list[str]:
+    """What differs between two configs that a reload cannot apply; empty: reloadable."""
+    out = []
+    for section, keys in _RESTART_KEYS.items():
+        a, b = getattr(old, section), getattr(new, section)
+        out += [f"{section}.{k}" for k in keys if getattr(a, k) != getattr(b, k)]
+    old_types, new_types = resolve_types(old), resolve_types(new)
+    for name in sorted(old_types.keys() & new_types.keys()):
+        for k in ("topic", "ack"):
+            if getattr(old_types[name], k) != getattr(new_types[name], k):
+                out.append(f"types.{name}.{k}")
+    return out

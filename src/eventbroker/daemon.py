@@ -1,5 +1,6 @@
-"""The daemon: registry, sink, router and listener wired together, with a
-graceful stop on SIGTERM or SIGINT."""
+"""The daemon: registry, sink, router, listener and admin endpoints wired
+together, with a graceful stop on SIGTERM or SIGINT and a config reload on
+SIGHUP (or, in a worker, on its supervisor's request)."""
 
 from __future__ import annotations
 
@@ -7,17 +8,31 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import resource
 import signal
 import time
 
-from eventbroker.config import Config, resolve_types
+from eventbroker.admin_http import AdminServer, Handler
+from eventbroker.config import (
+    Config,
+    load_config,
+    parse_host_port,
+    reload_blockers,
+    resolve_types,
+    with_overrides,
+)
 from eventbroker.embedded import EmbeddedKafka
+from eventbroker.errors import ConfigError
+from eventbroker.metrics import DaemonMetrics
 from eventbroker.router import Router
 from eventbroker.server import IngestServer
 from eventbroker.sinks import KafkaSink, NullSink, Sink
+from eventbroker.spool import SpoolError
 
 log = logging.getLogger("eventbroker")
+
+_SPOOL_SLOTS = 64
 
 
 def _raise_nofile_limit() -> None:
@@ -30,15 +45,35 @@ def _raise_nofile_limit() -> None:
 
 
 class Daemon:
-    def __init__(self, cfg: Config) -> None:
+    """One gateway process.
+
+    ``config_path`` and ``overrides`` (the command line's) are kept so a
+    reload reads the same file and applies the same overrides. A worker of
+    ``serve --workers`` passes ``control_socket`` (its admin endpoints, with
+    POST /reload, on a unix socket for the supervisor), ``worker_index`` and
+    ``reuse_port``.
+    """
+
+    def __init__(self, cfg: Config, *, config_path: str | None = None, overrides: dict | None = None,
+                 control_socket: str | None = None, worker_index: int | None = None,
+                 reuse_port: bool | None = None) -> None:
         self.cfg = cfg
         self.types = resolve_types(cfg)
+        self.config_path = config_path
+        self.overrides = overrides or {}
+        self.control_socket = control_socket
+        self.worker_index = worker_index
+        self.reuse_port = cfg.server.reuse_port if reuse_port is None else reuse_port
         self.embedded: EmbeddedKafka | None = None
         self.sink: Sink | None = None
         self.router: Router | None = None
         self.server: IngestServer | None = None
+        self.metrics = DaemonMetrics(self)
+        self.admin: AdminServer | None = None
+        self.control: AdminServer | None = None
         self.bootstrap = cfg.kafka.bootstrap_servers
         self._stopped = False
+        self.reloads = 0
 
     async def start(self) -> None:
         kcfg = self.cfg.kafka
@@ -64,10 +99,12 @@ class Daemon:
             self.sink = KafkaSink(kcfg, self.bootstrap)
         try:
             await self.sink.start(self.types)
-            self.router = Router(self.types, self.sink, kcfg, self.cfg.server, self.cfg.spool)
+            self.router = self._make_router()
+            self.metrics.attach(self.router.lanes)
             self.router.start()
             self.server = IngestServer(self.cfg.server, self.router)
-            await self.server.start()
+            await self.server.start(reuse_port=self.reuse_port)
+            await self._start_admin()
         except BaseException:
             await self.stop()
             raise
@@ -75,12 +112,103 @@ class Daemon:
         # cyclic GC from scanning it on every full collection (latency tails).
         gc.freeze()
         log.info(
-            "eventbroker ready: listening on %s, %d event types (%s), sink %s",
+            "eventbroker ready: listening on %s, %d event types (%s), sink %s%s",
             ", ".join(self.server.addresses),
             len(self.types),
             ", ".join(sorted(self.types)),
             "null" if kcfg.sink == "null" else f"kafka {self.bootstrap}",
+            f", admin on {self.admin.address}" if self.admin else "",
         )
+
+    def _make_router(self) -> Router:
+        assert self.sink is not None
+        cfg = self.cfg
+        if self.worker_index is None or not any(t.ack == "spool" for t in self.types.values()):
+            return Router(self.types, self.sink, cfg.kafka, cfg.server, cfg.spool)
+        # Workers share spool.dir: each takes the first free slot directory
+        # (a restarted or replacing worker picks up what an earlier one left).
+        base = cfg.spool.resolved_dir()
+        for slot in range(_SPOOL_SLOTS):
+            try:
+                router = Router(self.types, self.sink, cfg.kafka, cfg.server, cfg.spool, base / f"slot-{slot}")
+            except SpoolError as e:
+                if "in use" in str(e):
+                    continue
+                raise
+            log.info("worker %s: spool slot %s", self.worker_index, router.spool_root)
+            return router
+        raise SpoolError(f"{base}: all {_SPOOL_SLOTS} spool slots are in use")
+
+    async def _start_admin(self) -> None:
+        routes: dict[tuple[str, str], Handler] = {("GET", "/metrics"): self._http_metrics, ("GET", "/healthz"): self._http_healthz,
+                  ("GET", "/readyz"): self._http_readyz}
+        if self.control_socket:
+            self.control = AdminServer({**routes, ("POST", "/reload"): self._http_reload})
+            await self.control.start_unix(self.control_socket)
+        elif self.cfg.server.admin_listen:
+            host, port = parse_host_port(self.cfg.server.admin_listen)
+            self.admin = AdminServer(routes)
+            await self.admin.start_tcp(host, port)
+
+    # admin endpoints
+
+    async def _http_metrics(self, _body: bytes) -> tuple[int, str, bytes]:
+        return 200, "text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
+
+    async def _http_healthz(self, _body: bytes) -> tuple[int, str, bytes]:
+        return 200, "text/plain", b"alive\n"
+
+    async def _http_readyz(self, _body: bytes) -> tuple[int, str, bytes]:
+        why = await self.not_ready()
+        return (503, "text/plain", f"not ready: {why}\n".encode()) if why else (200, "text/plain", b"ready\n")
+
+    async def _http_reload(self, _body: bytes) -> tuple[int, str, bytes]:
+        ok, msg = await self.reload()
+        return (200 if ok else 409), "text/plain", (msg + "\n").encode()
+
+    async def not_ready(self) -> str:
+        """Why a load balancer should not send producers here now; empty when it should."""
+        if self.server is None or self._stopped:
+            return "not started"
+        if self.server.draining:
+            return "draining"
+        if self.sink is not None and not await self.sink.reachable():
+            return "Kafka unreachable"
+        return ""
+
+    # reload
+
+    async def reload(self) -> tuple[bool, str]:
+        """Re-read the config file; apply it if it is valid and reloadable."""
+        try:
+            new = with_overrides(load_config(self.config_path), **self.overrides)
+        except ConfigError as e:
+            msg = f"config reload refused, the running config stays in force: {e}"
+            log.error("%s", msg)
+            return False, msg
+        blockers = reload_blockers(self.cfg, new)
+        if blockers:
+            msg = (f"config reload refused, the running config stays in force: changing {', '.join(blockers)} "
+                   "needs a restart")
+            log.error("%s", msg)
+            return False, msg
+        assert self.router is not None and self.server is not None
+        try:
+            changes = self.router.reconfigure(resolve_types(new), new.kafka, new.server, new.spool)
+        except SpoolError as e:
+            msg = f"config reload failed: {e}"
+            log.error("%s", msg)
+            return False, msg
+        self.metrics.attach(self.router.lanes)
+        self.server.cfg = new.server  # new connections get the new frame limits
+        self.cfg = new
+        self.types = resolve_types(new)
+        self.reloads += 1
+        msg = f"config reloaded from {self.config_path}: " + ("; ".join(changes) if changes else "no changes")
+        log.info("%s", msg)
+        return True, msg
+
+    # stopping
 
     async def stop(self) -> None:
         if self._stopped:
@@ -96,6 +224,12 @@ class Daemon:
                 log.warning("drain deadline passed with %d bytes of unacknowledged events; producers resend them", left)
         if self.server is not None:
             await self.server.close()
+        for admin in (self.admin, self.control):
+            if admin is not None:
+                await admin.close()
+        if self.control_socket:
+            with contextlib.suppress(OSError):
+                os.unlink(self.control_socket)
         if self.sink is not None:
             await self.sink.stop()
         if self.embedded is not None:
@@ -108,11 +242,25 @@ class Daemon:
         stop = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        reloads: set[asyncio.Task] = set()
+
+        def on_hup() -> None:
+            t = loop.create_task(self.reload())
+            reloads.add(t)
+            t.add_done_callback(reloads.discard)
+
+        if self.control_socket is None:
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
+        else:
+            # A worker reloads and is replaced when its supervisor says so; a
+            # hangup or SIGUSR2 sent to the whole process group must not kill it.
+            loop.add_signal_handler(signal.SIGHUP, lambda: None)
+            loop.add_signal_handler(signal.SIGUSR2, lambda: None)
         try:
             await self.start()
             await stop.wait()
             log.info("signal received: draining")
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
             await self.stop()

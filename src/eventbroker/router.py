@@ -28,6 +28,7 @@ import logging
 import time
 from collections import deque
 from enum import Enum
+from pathlib import Path
 from typing import Protocol
 
 from aiokafka.errors import (
@@ -193,6 +194,17 @@ class Lane:
     def retry_after_ms(self) -> int:
         """Back-off hint for producers while this type is shedding."""
         return max(100, int(self._shed_backoff_s * 1000))
+
+    def update(self, etype: EventType, kcfg: KafkaConfig, budget_limit_bytes: int) -> None:
+        """Apply a reloaded config (same topic and ack) to the running lane."""
+        self.etype = etype
+        self._kcfg = kcfg
+        ring = self.ring
+        ring.enabled = etype.enabled
+        ring.max_event_bytes = etype.max_event_bytes
+        ring.capacity_bytes = etype.ring_bytes
+        ring.by_key = etype.partitioning == "key"
+        ring.admit_limit_bytes = int(budget_limit_bytes * PRIORITY_BUDGET_SHARE[etype.priority])
 
     def add_segment(self, target: AckTarget, batch_seq: int, type_index: int, count: int) -> None:
         self._segments.append(Segment(target, batch_seq, type_index, count))
@@ -395,8 +407,8 @@ class Lane:
 
     async def _watch(self) -> None:
         """Shed when nothing has been delivered for stall_timeout_ms."""
-        stall_s = self._kcfg.stall_timeout_ms / 1000
         while not self._stopping:
+            stall_s = self._kcfg.stall_timeout_ms / 1000  # a reload may change it
             await asyncio.sleep(max(0.05, stall_s / 4))
             try:
                 self._check_stall(stall_s)
@@ -471,7 +483,7 @@ class Router:
     """The registry's rings and lanes, and the native splitter in front of them."""
 
     def __init__(self, types: dict[str, EventType], sink: Sink, kcfg: KafkaConfig, server_cfg: ServerConfig,
-                 spool_cfg: SpoolConfig | None = None):
+                 spool_cfg: SpoolConfig | None = None, spool_root: Path | None = None):
         self.core = fp.Router(
             max_events_per_batch=server_cfg.max_events_per_batch,
             max_event_bytes=server_cfg.max_event_bytes,
@@ -480,7 +492,10 @@ class Router:
         self.requests = PrioritySlots(kcfg.max_inflight_requests)
         self.lanes: dict[str, Lane] = {}
         self._by_name: dict[bytes, Lane] = {}
+        self._sink = sink
+        self._retiring: set[asyncio.Task[None]] = set()
         spool_cfg = spool_cfg or SpoolConfig()
+        self.spool_root = spool_root or spool_cfg.resolved_dir()
         spools: list[SpoolLog] = []
         try:
             for name, et in types.items():
@@ -497,7 +512,7 @@ class Router:
             return Lane(et, sink, kcfg, server_cfg, self.requests)
         from eventbroker.spool_lane import SpoolLane  # it builds on Lane: imported here, not at the top
 
-        directory = spool_cfg.resolved_dir() / et.name
+        directory = self.spool_root / et.name
         spool = SpoolLog(directory, segment_bytes=spool_cfg.segment_bytes, fsync=spool_cfg.fsync, name=et.name)
         spool.open()
         spools.append(spool)
@@ -511,6 +526,51 @@ class Router:
         self._by_name[lane.ring.name_bytes] = lane
         self.core.add(lane.ring)
 
+    def reconfigure(self, types: dict[str, EventType], kcfg: KafkaConfig, server_cfg: ServerConfig,
+                    spool_cfg: SpoolConfig) -> list[str]:
+        """Apply a reloaded config: add, change and remove types, new limits.
+
+        The caller has checked ``config.reload_blockers``. A removed type
+        stops accepting at once (its events become unknown_type), delivers
+        what it holds until ``drain_timeout_ms``, and hands back the rest."""
+        changes: list[str] = []
+        self.core.max_events_per_batch = server_cfg.max_events_per_batch
+        self.core.max_event_bytes = server_cfg.max_event_bytes
+        if self.budget.limit_bytes != server_cfg.memory_budget_bytes:
+            changes.append(f"memory budget {self.budget.limit_bytes} -> {server_cfg.memory_budget_bytes} bytes")
+            self.budget.limit_bytes = server_cfg.memory_budget_bytes
+        for name, et in types.items():
+            lane = self.lanes.get(name)
+            if lane is None:
+                lane = self._make_lane(et, self._sink, kcfg, server_cfg, spool_cfg, [])
+                self._add(name, lane, server_cfg)
+                lane.start()
+                changes.append(f"added type {name}")
+                continue
+            if lane.etype != et:
+                diff = [k for k in ("priority", "max_event_bytes", "partitioning", "ring_bytes", "enabled")
+                        if getattr(lane.etype, k) != getattr(et, k)]
+                changes.append(f"type {name}: " + ", ".join(f"{k} {getattr(lane.etype, k)} -> {getattr(et, k)}"
+                                                            for k in diff))
+            lane.update(et, kcfg, server_cfg.memory_budget_bytes)
+            if hasattr(lane, "update_spool"):
+                lane.update_spool(spool_cfg)
+        deadline = time.monotonic() + server_cfg.drain_timeout_ms / 1000
+        for name in [n for n in self.lanes if n not in types]:
+            lane = self.lanes.pop(name)
+            self._by_name.pop(lane.ring.name_bytes, None)
+            self.core.remove(name)
+            t = asyncio.get_running_loop().create_task(self._retire(lane, deadline))
+            self._retiring.add(t)
+            t.add_done_callback(self._retiring.discard)
+            changes.append(f"removed type {name}")
+        return changes
+
+    async def _retire(self, lane: Lane, deadline: float) -> None:
+        await lane.stop(deadline)
+        if not lane.idle:
+            lane.shed("its type was removed from the config")
+
     def lane_for(self, name: bytes) -> Lane | None:
         return self._by_name.get(name)
 
@@ -520,7 +580,7 @@ class Router:
             lane.start()
 
     async def stop(self, deadline: float) -> None:
-        await asyncio.gather(*(lane.stop(deadline) for lane in self.lanes.values()))
+        await asyncio.gather(*(lane.stop(deadline) for lane in self.lanes.values()), *self._retiring)
 
     @property
     def idle(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections import defaultdict
 from typing import Protocol
 
@@ -120,6 +121,7 @@ class Sink(Protocol):
     async def stop(self) -> None: ...
     async def partitions(self, topic: str) -> int: ...
     async def send(self, topic: str, batches: list[tuple[int, bytes, int]]) -> None: ...
+    async def reachable(self) -> bool: ...
 
 
 class NullSink:
@@ -139,6 +141,9 @@ class NullSink:
     async def send(self, topic: str, batches: list[tuple[int, bytes, int]]) -> None:
         return None
 
+    async def reachable(self) -> bool:
+        return True
+
 
 class KafkaSink:
     """acks=all produce requests built from prebuilt record batches.
@@ -154,6 +159,8 @@ class KafkaSink:
         self._cfg = cfg
         self._bootstrap = bootstrap_servers
         self._client: AIOKafkaClient | None = None
+        self._reach_checked = 0.0
+        self._reach_ok = False
 
     async def start(self, types: dict[str, EventType]) -> None:
         cfg = self._cfg
@@ -201,6 +208,20 @@ class KafkaSink:
         if self._client is not None:
             await self._client.close()
             self._client = None
+
+    async def reachable(self) -> bool:
+        """Whether a broker answers a metadata request now (cached for a second)."""
+        now = time.monotonic()
+        if now - self._reach_checked < 1.0:
+            return self._reach_ok
+        self._reach_checked = now
+        try:
+            assert self._client is not None
+            await asyncio.wait_for(self._client.fetch_all_metadata(), 2.0)
+            self._reach_ok = True
+        except Exception:
+            self._reach_ok = False
+        return self._reach_ok
 
     async def partitions(self, topic: str) -> int:
         client = self._client

@@ -351,6 +351,10 @@ class SpoolLane(Lane):
         self._syncer: asyncio.Task[None] | None = None
         self.shed_reason = Reason.SPOOL_UNAVAILABLE
 
+    def update_spool(self, scfg: SpoolConfig) -> None:
+        """A reload may change the size limits (the rest needs a restart)."""
+        self._scfg = scfg
+
     def start(self) -> None:
         super().start()
         self.forwarder.start()

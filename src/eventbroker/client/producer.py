@@ -217,7 +217,8 @@ class Producer:
         self._conn_failures = 0
         self._last_conn_error = ""
         self._connected = asyncio.Event()
-        self.stats = {"sent": 0, "persisted": 0, "rejected": 0, "retried": 0, "resent_after_reconnect": 0}
+        self.stats = {"sent": 0, "persisted": 0, "rejected": 0, "retried": 0, "resent_after_reconnect": 0,
+                      "connect_failures": 0}
 
     # lifecycle
 
@@ -504,6 +505,7 @@ class Producer:
                 conn = None
             if conn is None:
                 self._conn_failures += 1
+                self.stats["connect_failures"] += 1
                 self._server_idx += 1
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self._backoff[1] / 1000)
