@@ -311,3 +311,28 @@ def test_json_logs(tmp_path, kafka_bootstrap):
     lines = [orjson.loads(x) for x in (tmp_path / "serve.log").read_bytes().splitlines() if x.strip()]
     assert lines and all({"ts", "level", "logger", "msg", "pid"} <= set(x) for x in lines)
     assert any(x["msg"].startswith("eventbroker ready") for x in lines)
+
+
+def test_systemd_unit_file(tmp_path):
+    """config/eventbroker.service has what the operations guide promises, and
+    systemd-analyze accepts it (when installed) with ExecStart pointing at
+    this installation."""
+    import re
+    import shutil
+
+    from conftest import REPO
+
+    text = (REPO / "config" / "eventbroker.service").read_text()
+    for line in ("Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "WatchdogSec=", "LimitNOFILE=",
+                 "DynamicUser=yes", "ProtectSystem=strict", "StateDirectory=eventbroker", "NoNewPrivileges=yes",
+                 "KillMode=mixed", "RuntimeDirectory=eventbroker"):
+        assert line in text, line
+    exe = Path(sys.executable).parent / "eventbroker"
+    unit = tmp_path / "eventbroker.service"
+    unit.write_text(re.sub(r"^ExecStart=\S+", f"ExecStart={exe}", text, flags=re.M))
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    r = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    problems = [x for x in (r.stdout + r.stderr).splitlines() if "eventbroker.service" in x]
+    assert not problems, problems

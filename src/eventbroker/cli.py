@@ -14,7 +14,7 @@ from pathlib import Path
 
 import orjson
 
-from eventbroker import cli_spool
+from eventbroker import cli_spool, cli_status
 from eventbroker.config import (
     DEFAULT_EMBEDDED_PORT,
     DEFAULT_LISTEN,
@@ -334,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_tail)
 
     cli_spool.add_parser(sub, _config_path)
+    cli_status.add_parser(sub, _config_path)
 
     b = sub.add_parser("bench", help="benchmarks against producing to Kafka directly (see benchmarks/README.md)",
                        add_help=False)
