@@ -28,6 +28,7 @@ REASON_UNKNOWN_TYPE: int
 REASON_TOO_LARGE: int
 REASON_DISABLED: int
 REASON_INVALID: int
+REASON_FORBIDDEN: int
 REASON_OVERLOADED: int
 REASON_KAFKA_UNAVAILABLE: int
 REASON_SPOOL_UNAVAILABLE: int
@@ -112,7 +113,9 @@ class Router:
     def remove(self, name: str) -> None: ...
     def get(self, name: str) -> TypeRing | None: ...
     def rings(self) -> list[TypeRing]: ...
-    def ingest(self, reader: FrameReader, now_ms: int) -> tuple[int, list[bytes], list[IngestResult]]: ...
+    def ingest(
+        self, reader: FrameReader, now_ms: int, allowed: set[bytes] | frozenset[bytes] | None = None
+    ) -> tuple[int, list[bytes], list[IngestResult]]: ...
 
 class BatchEncoder:
     count: int

@@ -90,6 +90,7 @@ cdef enum:
     C_REASON_TOO_LARGE = 2
     C_REASON_DISABLED = 3
     C_REASON_INVALID = 4
+    C_REASON_FORBIDDEN = 5
     C_REASON_OVERLOADED = 16
     C_REASON_KAFKA_UNAVAILABLE = 17
     C_REASON_SPOOL_UNAVAILABLE = 19
@@ -118,6 +119,7 @@ REASON_UNKNOWN_TYPE = C_REASON_UNKNOWN_TYPE
 REASON_TOO_LARGE = C_REASON_TOO_LARGE
 REASON_DISABLED = C_REASON_DISABLED
 REASON_INVALID = C_REASON_INVALID
+REASON_FORBIDDEN = C_REASON_FORBIDDEN
 REASON_OVERLOADED = C_REASON_OVERLOADED
 REASON_KAFKA_UNAVAILABLE = C_REASON_KAFKA_UNAVAILABLE
 REASON_SPOOL_UNAVAILABLE = C_REASON_SPOOL_UNAVAILABLE
@@ -812,6 +814,7 @@ cdef bytes _varint(int64_t v):
 
 
 cdef struct _TypeAcc:
+    int forbidden           # the connection may not send this type
     PyObject *ring          # borrowed from the ``rings`` list
     Py_ssize_t n            # events of this type index in the batch
     Py_ssize_t n_ok         # events that pass the per-event checks
@@ -845,8 +848,12 @@ cdef class Router:
     def rings(self):
         return list(self._rings.values())
 
-    def ingest(self, FrameReader reader not None, int64_t now_ms):
+    def ingest(self, FrameReader reader not None, int64_t now_ms, object allowed=None):
         """Split the reader's current EVENT_BATCH frame into the rings.
+
+        ``allowed``: None, or the set of type names (bytes) this connection's
+        producer may send; parts of other configured types are rejected
+        ``forbidden`` (one set lookup per type in the batch, not per event).
 
         Returns ``(batch_seq, type_names, results)``; ``results`` is a list of
         ``(type_index, status, reason, count, indices, ring)``. ``indices``
@@ -904,6 +911,9 @@ cdef class Router:
         try:
             for i in range(nt):
                 ro = self._rings.get(names[i])
+                if ro is not None and allowed is not None and names[i] not in allowed:
+                    acc[i].forbidden = 1
+                    ro = None
                 acc[i].ring = <PyObject *>ro if ro is not None else NULL
             start = pos
             # Pass 1: check the framing of every event, count and size parts.
@@ -939,7 +949,9 @@ cdef class Router:
                 if acc[i].n == 0:
                     continue
                 if acc[i].ring == NULL:
-                    results.append((i, C_STATUS_REJECTED, C_REASON_UNKNOWN_TYPE, acc[i].n, None, None))
+                    results.append((i, C_STATUS_REJECTED,
+                                    C_REASON_FORBIDDEN if acc[i].forbidden else C_REASON_UNKNOWN_TYPE,
+                                    acc[i].n, None, None))
                     continue
                 ring = <TypeRing>acc[i].ring
                 if not ring.enabled:

@@ -126,7 +126,9 @@ async def _produce(args: argparse.Namespace) -> int:
             main_task.cancel()
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
-    producer = Producer(args.server, client_id=args.client_id, linger_ms=args.linger_ms)
+    producer = Producer(args.server, client_id=args.client_id, linger_ms=args.linger_ms,
+                        token=args.token or os.environ.get("EVENTBROKER_TOKEN") or None,
+                        tls=args.tls, ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file)
     await producer.start()
     try:
         try:
@@ -289,6 +291,24 @@ def cmd_bench(bench_args: list[str]) -> int:
     return int(bench.main(bench_args) or 0)
 
 
+def cmd_token_create(args: argparse.Namespace) -> int:
+    import re
+
+    from eventbroker.auth import create_token
+
+    if not re.match(r"^[A-Za-z0-9_\-]{1,64}$", args.name):
+        raise ConfigError(f"producer name {args.name!r}: use 1-64 of A-Z a-z 0-9 _ -")
+    token, digest = create_token(args.name)
+    types = [t.strip() for t in args.types.split(",") if t.strip()]
+    print(token)
+    print("# The token above is shown once and stored nowhere: hand it to the producer\n"
+          "# (for example as EVENTBROKER_TOKEN). Add this to the config, then reload\n"
+          "# (systemctl reload eventbroker):", file=sys.stderr)
+    print(f"[auth.producers.{args.name}]\ntoken_hashes = [\"{digest}\"]\ntypes = {orjson.dumps(types).decode()}",
+          file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eventbroker", description="Event delivery gateway into per-type Kafka topics.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -321,7 +341,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--connect-timeout", type=float, default=10.0, help="give up if no connection within (s)")
     pr.add_argument("--json", action="store_true", help="print the summary as JSON")
     pr.add_argument("--timeout", type=float, default=300.0, help="give up waiting for acks after this long (s)")
+    pr.add_argument("--token", help="producer token (default: $EVENTBROKER_TOKEN; the variable keeps it out of "
+                    "the process list)")
+    pr.add_argument("--tls", action="store_true", help="connect with TLS, verifying the server certificate")
+    pr.add_argument("--ca-file", help="CA bundle for the server certificate (implies --tls)")
+    pr.add_argument("--cert-file", help="client certificate for mutual TLS (implies --tls)")
+    pr.add_argument("--key-file", help="its private key")
     pr.set_defaults(func=cmd_produce)
+
+    tk = sub.add_parser("token", help="producer tokens")
+    tsub = tk.add_subparsers(dest="token_command", required=True)
+    tc = tsub.add_parser("create", help="print a new token for a producer, and the config lines to add")
+    tc.add_argument("name", help="the producer's name (letters, digits, _ and -)")
+    tc.add_argument("--types", default="", help="event types it may send, comma separated (names or patterns)")
+    tc.set_defaults(func=cmd_token_create)
 
     t = sub.add_parser("tail", help="print the events in one type's topic")
     t.add_argument("--type", required=True, help="event type")

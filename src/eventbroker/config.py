@@ -93,6 +93,38 @@ class KafkaConfig(_Base, frozen=True):
     create_topics: bool = True
     topic_partitions: Annotated[int, Meta(ge=1)] = 4
     replication_factor: Annotated[int, Meta(ge=1)] = 1
+    # The daemon's own connection to Kafka (passed to aiokafka).
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    sasl_username: str = ""
+    # A file holding the password (keeps it out of the config and the process list).
+    sasl_password_file: str = ""
+    ssl_ca_file: str = ""
+    ssl_cert_file: str = ""
+    ssl_key_file: str = ""
+
+    def __post_init__(self) -> None:
+        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password_file):
+            raise ValueError("sasl_username: SASL needs sasl_username and sasl_password_file")
+
+    def client_security(self) -> dict:
+        """aiokafka keyword arguments for security_protocol (reads the password file)."""
+        kw: dict = {"security_protocol": self.security_protocol}
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            kw["ssl_context"] = create_ssl_context(cafile=self.ssl_ca_file or None,
+                                                   certfile=self.ssl_cert_file or None,
+                                                   keyfile=self.ssl_key_file or None)
+        if self.security_protocol.startswith("SASL"):
+            try:
+                password = Path(self.sasl_password_file).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"kafka.sasl_password_file: cannot read {self.sasl_password_file}: "
+                                  f"{e.strerror}") from None
+            kw.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                      sasl_plain_password=password)
+        return kw
 
 
 class SpoolConfig(_Base, frozen=True):
@@ -118,6 +150,70 @@ class SpoolConfig(_Base, frozen=True):
             state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
             p = Path(state) / p if state else Path.cwd() / p
         return p
+
+
+class TlsConfig(_Base, frozen=True):
+    # Setting cert_file and key_file turns TLS on for the producer listener.
+    cert_file: str = ""
+    key_file: str = ""
+    # Mutual TLS: verify client certificates against this CA bundle.
+    client_ca_file: str = ""
+    client_auth: Literal["none", "optional", "required"] = "none"
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+    def __post_init__(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file: cert_file and key_file go together")
+        if self.client_auth != "none" and not self.client_ca_file:
+            raise ValueError("client_ca_file: needed when client_auth is not 'none'")
+        if self.client_auth != "none" and not self.cert_file:
+            raise ValueError("client_auth: client certificates need TLS (cert_file, key_file)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.cert_file)
+
+
+class AuthProducer(_Base, frozen=True):
+    # Hashes from `eventbroker token create` (never the tokens themselves).
+    token_hashes: list[str] = msgspec.field(default_factory=list)
+    # The client certificate's subject CN that identifies this producer over
+    # mutual TLS (empty: no certificate identifies it).
+    cert_subject: str = ""
+    # Event types it may send: names or shell-style patterns ("search.*").
+    types: list[str] = msgspec.field(default_factory=list)
+    allow_cert_name: bool = False
+
+    def __post_init__(self) -> None:
+        from eventbroker.auth import check_hash_format
+
+        for i, h in enumerate(self.token_hashes):
+            why = check_hash_format(h)
+            if why:
+                raise ValueError(f"token_hashes: entry {i}: {why}")
+
+
+class AuthConfig(_Base, frozen=True):
+    # true: every producer must authenticate (a token in HELLO, or a client
+    # certificate named in [auth.producers]); false: anonymous producers may
+    # send every type, and tokens are still checked when presented.
+    required: bool = False
+    producers: dict[Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")], AuthProducer] = \
+        msgspec.field(default_factory=dict)
+    # An address with this many failed handshakes in a minute is refused
+    # for the rest of that minute.
+    max_failures_per_minute: Annotated[int, Meta(ge=1)] = 10
+
+
+class LimitsConfig(_Base, frozen=True):
+    handshake_timeout_ms: Annotated[int, Meta(ge=100)] = 10_000
+    # A connection that sends nothing (not even a heartbeat) this long is closed.
+    idle_timeout_ms: Annotated[int, Meta(ge=1000)] = 60_000
+    max_connections: Annotated[int, Meta(ge=1)] = 100_000
+    max_connections_per_address: Annotated[int, Meta(ge=1)] = 10_000
+    # Bytes of a connection's batches accepted but not yet answered; above it
+    # new batches are answered retry-later (overloaded).
+    max_inflight_bytes_per_connection: Annotated[int, Meta(ge=1024 * 1024)] = 64 * 1024 * 1024
 
 
 class TypeDefaults(_Base, frozen=True):
@@ -146,6 +242,9 @@ class Config(_Base, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+    tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
     defaults: TypeDefaults = msgspec.field(default_factory=TypeDefaults)
     types: dict[TypeName, EventTypeConfig] = msgspec.field(default_factory=dict)
 
@@ -252,6 +351,14 @@ def load_config(path: str | Path | None) -> Config:
                 except msgspec.ValidationError as e2:
                     detail = _explain(e2, prefix=f"types.{name}")
                     break
+        elif "auth.producers.<name>" in detail:
+            producers = (data.get("auth") or {}).get("producers") or {}
+            for name, entry in producers.items():
+                try:
+                    msgspec.convert(entry, type=AuthProducer)
+                except msgspec.ValidationError as e2:
+                    detail = _explain(e2, prefix=f"auth.producers.{name}")
+                    break
         elif isinstance(types, dict) and detail.startswith("a name under 'types'"):
             bad = [n for n in types if not re.match(TYPE_NAME_PATTERN, str(n))]
             detail = f"type name {bad[0]!r} under [types] is not allowed: use 1-64 of a-z 0-9 _ . - " \
@@ -293,8 +400,10 @@ _RESTART_KEYS = {
     "server": ("listen", "admin_listen", "workers", "reuse_port", "server_id"),
     "kafka": ("bootstrap_servers", "sink", "client_id", "embedded_port", "max_inflight_batches_per_type",
               "max_inflight_requests", "request_timeout_ms", "create_topics", "topic_partitions",
-              "replication_factor"),
+              "replication_factor", "security_protocol", "sasl_mechanism", "sasl_username", "sasl_password_file",
+              "ssl_ca_file", "ssl_cert_file", "ssl_key_file"),
     "spool": ("dir", "fsync", "fsync_interval_ms", "segment_bytes"),
+    "tls": ("cert_file", "key_file", "client_ca_file", "client_auth", "min_version"),
 }
 
 

@@ -26,6 +26,7 @@ from eventbroker.embedded import EmbeddedKafka
 from eventbroker.errors import ConfigError
 from eventbroker.metrics import DaemonMetrics
 from eventbroker.router import Router
+from eventbroker.security import Security
 from eventbroker.server import IngestServer
 from eventbroker.sinks import KafkaSink, NullSink, Sink
 from eventbroker.spool import SpoolError
@@ -68,6 +69,7 @@ class Daemon:
         self.sink: Sink | None = None
         self.router: Router | None = None
         self.server: IngestServer | None = None
+        self.security = Security(cfg.tls, cfg.auth, cfg.limits, self.types)
         self.metrics = DaemonMetrics(self)
         self.admin: AdminServer | None = None
         self.control: AdminServer | None = None
@@ -102,7 +104,8 @@ class Daemon:
             self.router = self._make_router()
             self.metrics.attach(self.router.lanes)
             self.router.start()
-            self.server = IngestServer(self.cfg.server, self.router)
+            self.security = Security(self.cfg.tls, self.cfg.auth, self.cfg.limits, self.types)
+            self.server = IngestServer(self.cfg.server, self.router, self.security)
             await self.server.start(reuse_port=self.reuse_port)
             await self._start_admin()
         except BaseException:
@@ -201,6 +204,8 @@ class Daemon:
             return False, msg
         self.metrics.attach(self.router.lanes)
         self.server.cfg = new.server  # new connections get the new frame limits
+        self.security.replace(new.auth, new.limits, resolve_types(new))
+        self.server.reconfigured()
         self.cfg = new
         self.types = resolve_types(new)
         self.reloads += 1

@@ -136,6 +136,27 @@ class _DaemonCollector(Collector):
                 c = CounterMetricFamily(name, help_)
                 c.add_metric([], value)
                 yield c
+            sec = server.security.stats
+            for name, help_, value in (
+                ("eventbroker_auth_failures", "Handshakes refused: bad or missing token or certificate",
+                 sec.auth_failures),
+                ("eventbroker_auth_refused_connections",
+                 "Connections refused because their address failed too many handshakes", sec.auth_refused_addresses),
+                ("eventbroker_handshake_timeouts", "Connections closed for sending no HELLO in time",
+                 sec.handshake_timeouts),
+                ("eventbroker_idle_timeouts", "Connections closed for sending nothing in idle_timeout_ms",
+                 sec.idle_timeouts),
+                ("eventbroker_connections_refused_total_limit", "Connections refused at limits.max_connections",
+                 sec.refused_total_limit),
+                ("eventbroker_connections_refused_address_limit",
+                 "Connections refused at limits.max_connections_per_address", sec.refused_address_limit),
+                ("eventbroker_inflight_limit_pauses",
+                 "Times a connection stopped being read at limits.max_inflight_bytes_per_connection",
+                 sec.inflight_pauses),
+            ):
+                c = CounterMetricFamily(name, help_)
+                c.add_metric([], value)
+                yield c
             draining = GaugeMetricFamily("eventbroker_draining", "1 while the daemon drains (GOAWAY sent)")
             draining.add_metric([], 1 if server.draining else 0)
             yield draining

@@ -13,7 +13,15 @@ import time
 from typing import Any, cast
 
 from eventbroker import _fastpath as fp
-from eventbroker.config import ServerConfig, default_server_id, parse_host_port
+from eventbroker.auth import AuthFailed, Identity
+from eventbroker.config import (
+    AuthConfig,
+    LimitsConfig,
+    ServerConfig,
+    TlsConfig,
+    default_server_id,
+    parse_host_port,
+)
 from eventbroker.errors import ProtocolError
 from eventbroker.protocol import (
     Ack,
@@ -33,6 +41,7 @@ from eventbroker.protocol import (
     encode_heartbeat,
 )
 from eventbroker.router import Router
+from eventbroker.security import Security, is_loopback
 
 log = logging.getLogger("eventbroker.server")
 
@@ -72,6 +81,14 @@ class IngestProtocol(asyncio.Protocol):
         self.closed = False
         self.client_id = ""
         self.peer = ""
+        self.addr = ""
+        self.identity: Identity | None = None
+        self.allowed: frozenset[bytes] | None = None  # type names it may send; None: all
+        self.last_rx = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._inflight_bytes = 0  # bytes of batches with parts not yet answered
+        self._batch_bytes: dict[int, list[int]] = {}  # seq -> [bytes, parts owed]
+        self._paused_for: set[str] = set()  # why reading is paused: "acks", "inflight"
 
     # asyncio callbacks
 
@@ -82,11 +99,25 @@ class IngestProtocol(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self._server.connection_opened(self)
+        self.addr = str(peer[0]) if isinstance(peer, tuple) else self.peer
+        loop = asyncio.get_running_loop()
+        self.last_rx = loop.time()
+        refusal = self._server.connection_opened(self)
+        if refusal is not None:
+            self._fatal(*refusal)
+            return
+        limits = self._server.security.limits
+        self._timer = loop.call_later(limits.handshake_timeout_ms / 1000, self._handshake_timeout)
+
+    def _handshake_timeout(self) -> None:
+        if self._state == _HANDSHAKE:
+            self._server.security.stats.handshake_timeouts += 1
+            self._fatal(ErrorCode.TIMEOUT, "no HELLO within the handshake timeout")
 
     def data_received(self, data: bytes) -> None:
         if self._state == _CLOSED:
             return
+        self.last_rx = self._server.now()
         reader = self._reader
         reader.feed(data)
         try:
@@ -137,16 +168,26 @@ class IngestProtocol(asyncio.Protocol):
         self._state = _CLOSED
         self.closed = True
         self._pending_acks.clear()
+        if self._timer is not None:
+            self._timer.cancel()
         self._server.connection_closed(self)
+
+    def _pause(self, why: str) -> None:
+        if not self._paused_for and self._transport is not None:
+            self._transport.pause_reading()
+        self._paused_for.add(why)
+
+    def _resume(self, why: str) -> None:
+        self._paused_for.discard(why)
+        if not self._paused_for and self._transport is not None and self._state != _CLOSED:
+            self._transport.resume_reading()
 
     def pause_writing(self) -> None:
         # The producer is not reading its acks: stop reading its batches.
-        if self._transport is not None:
-            self._transport.pause_reading()
+        self._pause("acks")
 
     def resume_writing(self) -> None:
-        if self._transport is not None and self._state != _CLOSED:
-            self._transport.resume_reading()
+        self._resume("acks")
 
     # frames
 
@@ -154,8 +195,18 @@ class IngestProtocol(asyncio.Protocol):
         if ftype != FrameType.HELLO:
             raise ProtocolError(ErrorCode.BAD_HANDSHAKE, f"expected HELLO as the first frame, got type {ftype}")
         hello = Hello.decode(self._reader.body())
-        if hello.auth:
-            raise ProtocolError(ErrorCode.AUTH_FAILED, "authentication is not configured on this server")
+        security = self._server.security
+        peercert = self._transport.get_extra_info("peercert") if self._transport is not None else None
+        try:
+            self.identity = security.authenticate(hello.auth, peercert)
+        except AuthFailed as e:
+            security.note_failure(self.addr)
+            log.warning("authentication failed for %s (client id %r): %s", self.peer, hello.client_id, e)
+            raise ProtocolError(ErrorCode.AUTH_FAILED, "authentication failed") from None
+        self.allowed = security.allowed(self.identity)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.client_id = hello.client_id
         cfg = self._server.cfg
         self._write(
@@ -173,8 +224,9 @@ class IngestProtocol(asyncio.Protocol):
 
     def _on_batch(self) -> None:
         server = self._server
-        seq, names, results = server.router.core.ingest(self._reader, int(time.time() * 1000))
+        seq, names, results = server.router.core.ingest(self._reader, int(time.time() * 1000), self.allowed)
         server.stats.batches += 1
+        parts_before = self._parts_owed
         now_entries = []
         for ti, status, reason, count, indices, ring in results:
             if ring is not None:  # accepted: the ack comes when Kafka has it
@@ -194,6 +246,14 @@ class IngestProtocol(asyncio.Protocol):
                     if server.draining:
                         reason = Reason.SHUTTING_DOWN
             now_entries.append(AckEntry(ti, status, reason, count, retry_ms, tuple(indices or ())))
+        owed = self._parts_owed - parts_before
+        if owed:
+            size = self._reader.body_length
+            self._batch_bytes[seq] = [size, owed]
+            self._inflight_bytes += size
+            if self._inflight_bytes > server.security.limits.max_inflight_bytes_per_connection:
+                server.security.stats.inflight_pauses += 1
+                self._pause("inflight")
         if now_entries or not results:
             # Listed (per-event) entries first, as the protocol asks. A batch
             # with no events is answered with an empty ACK.
@@ -210,6 +270,15 @@ class IngestProtocol(asyncio.Protocol):
     def _queue_ack(self, batch_seq: int, entry: AckEntry) -> None:
         """Answer one accepted part; ACK frames go out once per loop iteration."""
         self._parts_owed -= 1
+        owed = self._batch_bytes.get(batch_seq)
+        if owed is not None:
+            owed[1] -= 1
+            if owed[1] == 0:
+                del self._batch_bytes[batch_seq]
+                self._inflight_bytes -= owed[0]
+                if "inflight" in self._paused_for and \
+                        self._inflight_bytes <= self._server.security.limits.max_inflight_bytes_per_connection:
+                    self._resume("inflight")
         self._pending_acks.setdefault(batch_seq, []).append(entry)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -267,22 +336,53 @@ def _code_name(code: int) -> str:
 class IngestServer:
     """The listening socket and its connections."""
 
-    def __init__(self, cfg: ServerConfig, router: Router) -> None:
+    def __init__(self, cfg: ServerConfig, router: Router, security: Security | None = None) -> None:
         self.cfg = cfg
         self.router = router
+        self.security = security or Security(TlsConfig(), AuthConfig(), LimitsConfig(), router.lanes)
         self.server_id = cfg.server_id or default_server_id()
         self.stats = ServerStats()
         self.draining = False
         self._server: asyncio.Server | None = None
         self._conns: set[IngestProtocol] = set()
+        self._per_addr: dict[str, int] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
 
     async def start(self, **kw: Any) -> None:
         host, port = parse_host_port(self.cfg.listen)
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
+        ctx = self.security.ssl_context()
+        if ctx is not None:
+            kw["ssl"] = ctx
+            kw["ssl_handshake_timeout"] = self.security.limits.handshake_timeout_ms / 1000
         self._server = await loop.create_server(
             lambda: IngestProtocol(self), host, port, reuse_address=True, backlog=4096, **kw
         )
-        log.info("listening on %s", ", ".join(self.addresses))
+        self._sweeper = loop.create_task(self._sweep_idle())
+        tls = self.security.tls
+        if ctx is not None:
+            log.info("listening on %s (TLS %s+, client certificates %s)", ", ".join(self.addresses),
+                     tls.min_version, tls.client_auth)
+        elif is_loopback(host):
+            log.info("listening on %s (plaintext, loopback only)", ", ".join(self.addresses))
+        else:
+            log.warning("listening on %s in PLAINTEXT: events and tokens cross the network unencrypted; "
+                        "set [tls] cert_file and key_file", ", ".join(self.addresses))
+
+    async def _sweep_idle(self) -> None:
+        """Close connections that sent nothing (not even a heartbeat) for idle_timeout_ms."""
+        while True:
+            idle_s = self.security.limits.idle_timeout_ms / 1000
+            await asyncio.sleep(min(1.0, idle_s / 4))
+            cutoff = self.now() - idle_s
+            for conn in [c for c in self._conns if c.last_rx < cutoff]:
+                self.security.stats.idle_timeouts += 1
+                conn._fatal(ErrorCode.TIMEOUT, f"nothing received for {idle_s:.0f}s (idle timeout)")
 
     @property
     def addresses(self) -> list[str]:
@@ -299,14 +399,40 @@ class IngestServer:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
-    def connection_opened(self, conn: IngestProtocol) -> None:
+    def connection_opened(self, conn: IngestProtocol) -> tuple[int, str] | None:
+        """Count a new connection; returns (error code, message) to refuse it with."""
         self._conns.add(conn)
         self.stats.connections = len(self._conns)
         self.stats.connections_total += 1
+        n = self._per_addr[conn.addr] = self._per_addr.get(conn.addr, 0) + 1
+        sec = self.security
+        if sec.refused(conn.addr):
+            sec.stats.auth_refused_addresses += 1
+            return ErrorCode.AUTH_FAILED, "too many failed handshakes from this address; retry in a minute"
+        if len(self._conns) > sec.limits.max_connections:
+            sec.stats.refused_total_limit += 1
+            return ErrorCode.CONNECTION_LIMIT, f"server at its connection limit ({sec.limits.max_connections})"
+        if n > sec.limits.max_connections_per_address:
+            sec.stats.refused_address_limit += 1
+            return (ErrorCode.CONNECTION_LIMIT,
+                    f"too many connections from this address (limit {sec.limits.max_connections_per_address})")
+        return None
 
     def connection_closed(self, conn: IngestProtocol) -> None:
-        self._conns.discard(conn)
+        if conn in self._conns:
+            self._conns.discard(conn)
+            n = self._per_addr.get(conn.addr, 1) - 1
+            if n > 0:
+                self._per_addr[conn.addr] = n
+            else:
+                self._per_addr.pop(conn.addr, None)
         self.stats.connections = len(self._conns)
+
+    def reconfigured(self) -> None:
+        """After a reload: open connections get their identity's new type list."""
+        for conn in self._conns:
+            if conn.identity is not None:
+                conn.allowed = self.security.allowed(conn.identity)
 
     async def drain(self, deadline: float) -> None:
         """Stop accepting, ask producers to go elsewhere, finish their batches."""
@@ -327,6 +453,9 @@ class IngestServer:
             await asyncio.sleep(0.01)
         for conn in list(self._conns):
             conn.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()

@@ -171,6 +171,7 @@ class KafkaSink:
             client_id=cfg.client_id,
             request_timeout_ms=cfg.request_timeout_ms,
             retry_backoff_ms=cfg.retry_backoff_ms,
+            **cfg.client_security(),
         )
         await self._client.bootstrap()
         if types:
@@ -182,6 +183,7 @@ class KafkaSink:
             bootstrap_servers=self._bootstrap,
             client_id=f"{cfg.client_id}-admin",
             request_timeout_ms=cfg.request_timeout_ms,
+            **cfg.client_security(),
         )
         await admin.start()
         try:

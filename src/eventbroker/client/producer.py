@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -90,6 +91,19 @@ class _Batch:
         self.sent_at = 0.0
 
 
+def _client_ssl(tls: bool | ssl.SSLContext, ca_file: str | None, cert_file: str | None,
+                key_file: str | None) -> ssl.SSLContext | None:
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    if not (tls or ca_file or cert_file):
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_file:
+        ctx.load_cert_chain(cert_file, key_file)
+    return ctx
+
+
 class _Conn(asyncio.Protocol):
     def __init__(self, producer: Producer) -> None:
         self.p = producer
@@ -110,6 +124,13 @@ class _Conn(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_rx = time.monotonic()
+        if not self.welcome.done() and self.p._ssl is None and data[:1] in (b"\x15", b"\x16") and \
+                data[1:2] == b"\x03":
+            # A TLS record (alert or handshake) where a frame was expected.
+            self.welcome.set_exception(ServerError(ErrorCode.BAD_HANDSHAKE, "the server speaks TLS: give the "
+                                                   "producer tls=True (and ca_file) to connect"))
+            self.close()
+            return
         self.reader.feed(data)
         try:
             while (ft := self.reader.next_frame()) >= 0:
@@ -139,7 +160,8 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.welcome.done():
-            self.welcome.set_exception(ConnectionError("connection closed during the handshake"))
+            hint = "" if self.p._ssl is not None else " (if the server uses TLS, connect with tls=True)"
+            self.welcome.set_exception(ConnectionError(f"connection closed during the handshake{hint}"))
         if not self.lost.done():
             self.lost.set_result(None)
         self.can_write.set()
@@ -177,7 +199,17 @@ class Producer:
         connect_timeout_s: float = 10.0,
         reconnect_backoff_ms: tuple[int, int] = (50, 5000),
         heartbeat_interval_ms: int | None = None,
+        token: str | None = None,
+        tls: bool | ssl.SSLContext = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
     ) -> None:
+        """``token``: from ``eventbroker token create``, sent in the handshake.
+        ``tls``: True (or an SSLContext of your own) for a TLS listener; the
+        server certificate is verified against ``ca_file`` (default: the
+        system's CAs) and the host name. ``cert_file``/``key_file``: a client
+        certificate for mutual TLS."""
         if isinstance(servers, str):
             servers = [s for s in servers.split(",") if s]
         if not servers:
@@ -192,6 +224,8 @@ class Producer:
         self._connect_timeout_s = connect_timeout_s
         self._backoff = reconnect_backoff_ms
         self._hb_override = heartbeat_interval_ms
+        self._token = token.encode() if token else b""
+        self._ssl = _client_ssl(tls, ca_file, cert_file, key_file)
         self._ids = IdGenerator()
         self._enc = fp.BatchEncoder()
         self._open: list[_Pending] = []
@@ -458,10 +492,13 @@ class Producer:
     async def _connect_once(self) -> _Conn:
         host, port = self._servers[self._server_idx % len(self._servers)]
         loop = asyncio.get_running_loop()
+        extra: dict[str, Any] = {}
+        if self._ssl is not None:
+            extra = {"ssl": self._ssl, "server_hostname": host, "ssl_handshake_timeout": self._connect_timeout_s}
         _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: _Conn(self), host, port), self._connect_timeout_s
+            loop.create_connection(lambda: _Conn(self), host, port, **extra), self._connect_timeout_s
         )
-        conn.write(Hello(self.client_id).encode())
+        conn.write(Hello(self.client_id, auth=self._token).encode())
         try:
             welcome = await asyncio.wait_for(asyncio.shield(conn.welcome), self._connect_timeout_s)
         except BaseException:

@@ -1,0 +1,117 @@
+"""Producer identities: tokens, their hashes, and which types each may send.
+
+A token is ``ebt1.<producer>.<secret>``: the producer's name (so the server
+finds its entry without trying every hash) and 32 random bytes, base64url.
+The config stores only ``sha256$<salt>$<digest>``: HMAC-SHA-256 of the secret
+keyed by a random per-token salt. The secret has 256 bits of entropy, so a
+fast hash is enough (a slow password hash such as scrypt protects guessable
+passwords and would let a connection flood buy CPU); both hashing and
+comparing (``hmac.compare_digest``) use the standard library.
+
+Every failure (unknown producer, wrong secret, malformed token, a token where
+none is configured) gets the same answer, so a caller learns nothing about
+which part was wrong; the server logs the real reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import hashlib
+import hmac
+import secrets
+from dataclasses import dataclass
+
+TOKEN_PREFIX = "ebt1"
+_DUMMY_SALT = b"\x00" * 16
+
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def hash_secret(secret: bytes, salt: bytes | None = None) -> str:
+    salt = secrets.token_bytes(16) if salt is None else salt
+    digest = hmac.new(salt, secret, hashlib.sha256).digest()
+    return f"sha256${_b64(salt)}${_b64(digest)}"
+
+
+def create_token(producer: str) -> tuple[str, str]:
+    """A new token for ``producer`` and the hash to put in the config."""
+    secret = secrets.token_bytes(32)
+    return f"{TOKEN_PREFIX}.{producer}.{_b64(secret)}", hash_secret(secret)
+
+
+def check_hash_format(value: str) -> str | None:
+    """Why ``value`` is not a token hash, or None when it is one."""
+    parts = value.split("$")
+    if len(parts) != 3 or parts[0] != "sha256":
+        return "expected sha256$<salt>$<digest> (from `eventbroker token create`); never the token itself"
+    try:
+        salt, digest = _unb64(parts[1]), _unb64(parts[2])
+    except (ValueError, TypeError):
+        return "salt and digest must be base64url"
+    if len(salt) < 8 or len(digest) != 32:
+        return "salt or digest has the wrong length"
+    return None
+
+
+def _verify(secret: bytes, stored: str) -> bool:
+    _, salt_s, digest_s = stored.split("$")
+    want = _unb64(digest_s)
+    got = hmac.new(_unb64(salt_s), secret, hashlib.sha256).digest()
+    return hmac.compare_digest(got, want)
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    type_patterns: tuple[str, ...]
+
+    def may_send(self, type_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(type_name, p) for p in self.type_patterns)
+
+
+class AuthFailed(Exception):
+    """The reason is for the log; the producer only hears "authentication failed"."""
+
+
+class Authenticator:
+    """Token and client-certificate checks against ``[auth.producers.<name>]``."""
+
+    def __init__(self, producers: dict) -> None:
+        # name -> AuthProducer (config.py): token_hashes, types, cert_subject
+        self.producers = producers
+
+    def identity(self, name: str) -> Identity:
+        p = self.producers[name]
+        return Identity(name, tuple(p.types))
+
+    def by_token(self, token: bytes) -> Identity:
+        try:
+            text = token.decode("ascii")
+            prefix, name, secret_s = text.split(".", 2)
+            secret = _unb64(secret_s)
+        except (UnicodeDecodeError, ValueError, TypeError):
+            hmac.new(_DUMMY_SALT, token, hashlib.sha256).digest()  # same work as a real check
+            raise AuthFailed("malformed token") from None
+        entry = self.producers.get(name) if prefix == TOKEN_PREFIX else None
+        hashes = list(entry.token_hashes) if entry is not None else []
+        ok = False
+        for h in hashes or [hash_secret(b"", _DUMMY_SALT)]:  # unknown names cost the same
+            ok |= _verify(secret, h)
+        if entry is None:
+            raise AuthFailed(f"unknown producer {name!r}" if prefix == TOKEN_PREFIX else "unknown token format")
+        if not ok:
+            raise AuthFailed(f"wrong secret for producer {name!r}")
+        return self.identity(name)
+
+    def by_certificate(self, subject_cn: str) -> Identity:
+        for name, p in self.producers.items():
+            if (p.cert_subject or name) == subject_cn and (p.cert_subject or p.allow_cert_name):
+                return self.identity(name)
+        raise AuthFailed(f"no producer for certificate subject CN={subject_cn!r}")
