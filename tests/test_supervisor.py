@@ -22,6 +22,7 @@ from conftest import make_config, read_ids
 from eventbroker.admin_http import http_request
 from eventbroker.client import Producer
 from eventbroker.embedded import free_port, wait_for_port
+from eventbroker.errors import EventRejected
 
 
 class NotifySocket:
@@ -65,6 +66,11 @@ def supervised(tmp_path: Path, conf: Path, port: int, workers: int = 2,
     )
     try:
         wait_for_port("127.0.0.1", port, 60, proc)
+        deadline = time.monotonic() + 60  # every worker listens: the supervisor says it is ready
+        while b'"logger":"eventbroker.supervisor","msg":"eventbroker ready' not in \
+                (tmp_path / "serve.log").read_bytes() and time.monotonic() < deadline:
+            assert proc.poll() is None, "the supervisor exited"
+            time.sleep(0.02)
         yield proc
     finally:
         if proc.poll() is None:
@@ -75,6 +81,18 @@ def supervised(tmp_path: Path, conf: Path, port: int, workers: int = 2,
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+@contextlib.asynccontextmanager
+async def asupervised(tmp_path: Path, conf: Path, port: int, workers: int = 2):
+    """``supervised`` for tests whose event loop must keep running while the
+    daemon starts (a fault proxy in this loop carries its Kafka traffic)."""
+    cm = supervised.__wrapped__(tmp_path, conf, port, workers)  # the generator
+    proc = await asyncio.to_thread(next, cm)
+    try:
+        yield proc
+    finally:
+        await asyncio.to_thread(next, cm, None)
 
 
 def worker_pids(sup_pid: int) -> list[int]:
@@ -336,3 +354,120 @@ def test_systemd_unit_file(tmp_path):
     r = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60)
     problems = [x for x in (r.stdout + r.stderr).splitlines() if "eventbroker.service" in x]
     assert not problems, problems
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_hung_worker_is_killed_and_replaced(tmp_path, kafka_bootstrap):
+    """SIGSTOP of a worker: its health checks fail, the supervisor kills it
+    and starts another; /readyz answers within a second meanwhile."""
+    cfg = make_config(kafka_bootstrap, {"play": {}})
+    admin_port, port = free_port(), free_port()
+    conf = write_conf(tmp_path, cfg, admin_port)
+    admin = f"127.0.0.1:{admin_port}"
+    with supervised(tmp_path, conf, port) as sup:
+        victim = worker_pids(sup.pid)[0]
+        os.kill(victim, signal.SIGSTOP)
+        t0 = time.monotonic()
+        slowest = 0.0
+        while victim in worker_pids(sup.pid) and time.monotonic() - t0 < 30:
+            t1 = time.monotonic()
+            status, _ = await http_request(admin, "GET", "/readyz")
+            slowest = max(slowest, time.monotonic() - t1)
+            assert status == 200  # the other worker is ready
+            await asyncio.sleep(0.2)
+        replaced_s = time.monotonic() - t0
+        assert victim not in worker_pids(sup.pid)
+        deadline = time.monotonic() + 30
+        while len(worker_pids(sup.pid)) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert len(worker_pids(sup.pid)) == 2
+        assert slowest < 1.0
+    log = (tmp_path / "serve.log").read_text()
+    print(f"\nhung worker killed after {replaced_s:.1f}s; slowest /readyz meanwhile {slowest * 1000:.0f} ms")
+    assert "failed 3 health checks in a row" in log
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_spool_left_by_a_replaced_generation_is_delivered(tmp_path):
+    """Kafka unreachable while a spooled type is acknowledged; SIGUSR2 replaces
+    the worker (its drain deadline passes with the backlog still on disk, in
+    its slot); once Kafka is back the new worker delivers the old slot too."""
+    from eventbroker.embedded import EmbeddedKafka
+    from faultproxy import FaultProxy
+
+    if os.environ.get("EVENTBROKER_TEST_KAFKA"):
+        pytest.skip("the broker must advertise the proxy: needs its own broker")
+    bport = free_port()
+    proxy = await FaultProxy("127.0.0.1", bport).start()
+    broker = EmbeddedKafka(port=bport, log_path=str(tmp_path / "tansu.log"), advertised=f"127.0.0.1:{proxy.port}")
+    await asyncio.get_running_loop().run_in_executor(None, broker.start)
+    cfg = make_config(f"127.0.0.1:{proxy.port}", {"audit": {"ack": "spool"}},
+                      spool={"dir": str(tmp_path / "spool")}, server={"drain_timeout_ms": 500},
+                      kafka={"request_timeout_ms": 2000, "retry_backoff_max_ms": 500})
+    admin_port, port = free_port(), free_port()
+    conf = write_conf(tmp_path, cfg, admin_port)
+    try:
+        async with asupervised(tmp_path, conf, port, workers=1) as sup:
+            async with Producer(f"127.0.0.1:{port}", linger_ms=2, reconnect_backoff_ms=(20, 300)) as p:
+                proxy.cut()
+                futs = [await p.send("audit", b"kept-%d" % i) for i in range(5000)]
+                await p.flush(timeout_s=30)
+                ids = {f.result() for f in futs}  # acknowledged from the spool while Kafka is away
+                old = set(worker_pids(sup.pid))
+                sup.send_signal(signal.SIGUSR2)
+                deadline = time.monotonic() + 60
+                while set(worker_pids(sup.pid)) & old and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+                assert not set(worker_pids(sup.pid)) & old
+                from eventbroker.spool import check_directory
+
+                left = check_directory(tmp_path / "spool" / "slot-0" / "audit")["pending_events"]
+                proxy.heal()
+                found = await asyncio.to_thread(read_ids, broker.bootstrap, cfg.types["audit"].topic, ids, 60)
+    finally:
+        await proxy.close()
+        broker.stop()
+    log = (tmp_path / "serve.log").read_text()
+    print(f"\n5000 acknowledged with Kafka cut off; {left} left in the replaced worker's slot; "
+          f"{len(found)} in Kafka after healing")
+    assert left > 0, "the old generation had delivered everything: the adoption was not tested"
+    assert found == ids
+    assert "delivering" in log and "unowned spool" in log
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_reload_one_worker_refuses_is_rolled_back(tmp_path, kafka_bootstrap):
+    """Worker 1 cannot apply the new config (its spool directory for the new
+    type is held by another process): no worker keeps it, and a worker
+    restarted afterwards starts with the config in force."""
+    from eventbroker import spool as sp
+    from eventbroker.spool_adopt import lock_slot
+
+    spool_dir = tmp_path / "spool"
+    cfg = make_config(kafka_bootstrap, {"play": {}}, spool={"dir": str(spool_dir)})
+    admin_port, port = free_port(), free_port()
+    conf = write_conf(tmp_path, cfg, admin_port)
+    with supervised(tmp_path, conf, port) as sup:
+        # Workers take slots lazily; hold slot-1's type directory so the second
+        # worker to need a slot fails to open it.
+        blocker = sp.SpoolLog(spool_dir / "slot-1" / "beta", segment_bytes=1 << 20, fsync="never")
+        blocker.open()
+        try:
+            new = make_config(kafka_bootstrap, {"play": {}, "beta": {"ack": "spool"}},
+                              spool={"dir": str(spool_dir)}, prefix=cfg.types["play"].topic.split(".")[0])
+            write_conf(tmp_path, new, admin_port)
+            sup.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 30
+            while "refused by" not in (tmp_path / "serve.log").read_text() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            async with Producer(f"127.0.0.1:{port}") as p:
+                for _ in range(6):  # whichever worker answers, beta is unknown everywhere
+                    with pytest.raises(EventRejected, match="unknown_type"):
+                        await (await p.send("beta", b"x"))
+            m = await metrics(f"127.0.0.1:{admin_port}")
+            assert total(m, "eventbroker_config_reloads_total") == 0
+        finally:
+            blocker.close()
+        del lock_slot
+    log = (tmp_path / "serve.log").read_text()
+    assert "refused by 1 of 2 workers; the running config stays in force" in log

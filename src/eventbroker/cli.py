@@ -57,6 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     path = _config_path(args.config)
     overrides = {k: v for k, v in (("listen", args.listen), ("kafka", args.kafka), ("sink", args.sink)) if v is not None}
     cfg = with_overrides(load_config(path), **overrides)
+    if args.worker_of is not None and os.getppid() != args.worker_of:
+        raise EventBrokerError("worker: its supervisor is gone")  # died before PDEATHSIG was set
     if args.worker_of is None and not args.single_process:
         from eventbroker.supervisor import run_supervisor
 
@@ -384,25 +386,32 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, args.log_format)
     from aiokafka.errors import KafkaConnectionError, KafkaError
 
+    daemon = args.command == "serve"
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:
-        print(f"eventbroker: config error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"config error: {e}", 2, daemon)
     except (EventBrokerError, RuntimeError) as e:
-        print(f"eventbroker: {e}", file=sys.stderr)
-        return 1
+        return _fail(str(e), 1, daemon)
     except KafkaConnectionError as e:
-        print(f"eventbroker: cannot reach Kafka: {e}", file=sys.stderr)
-        return 1
+        return _fail(f"cannot reach Kafka: {e}", 1, daemon)
     except KafkaError as e:
-        print(f"eventbroker: Kafka error: {e!r}", file=sys.stderr)
-        return 1
+        return _fail(f"Kafka error: {e!r}", 1, daemon)
     except OSError as e:
-        print(f"eventbroker: {e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), file=sys.stderr)
-        return 1
+        return _fail(f"{e.strerror or e}" + (f" ({e.filename})" if e.filename else ""), 1, daemon)
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(message: str, code: int, daemon: bool) -> int:
+    """A fatal error: a log line for a daemon logging JSON, else a line on stderr."""
+    from eventbroker.logs import is_json
+
+    if daemon and is_json():
+        log.critical("%s", message)
+    else:
+        print(f"eventbroker: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ import os
 import resource
 import signal
 import time
+from pathlib import Path, PurePath
+
+from aiokafka.errors import KafkaError
 
 from eventbroker.admin_http import AdminServer, Handler
 from eventbroker.config import (
@@ -30,10 +33,11 @@ from eventbroker.security import Security
 from eventbroker.server import IngestServer
 from eventbroker.sinks import KafkaSink, NullSink, Sink
 from eventbroker.spool import SpoolError
+from eventbroker.spool_adopt import SpoolAdopter, lock_slot
 
 log = logging.getLogger("eventbroker")
 
-_SPOOL_SLOTS = 64
+_SPOOL_SLOTS = 4096
 
 
 def _raise_nofile_limit() -> None:
@@ -76,6 +80,10 @@ class Daemon:
         self.bootstrap = cfg.kafka.bootstrap_servers
         self._stopped = False
         self.reloads = 0
+        self._slot_fd = -1
+        self.adopter: SpoolAdopter | None = None
+        self._adopter_task: asyncio.Task | None = None
+        self._sink_task: asyncio.Task | None = None
 
     async def start(self) -> None:
         kcfg = self.cfg.kafka
@@ -100,10 +108,19 @@ class Daemon:
                 )
             self.sink = KafkaSink(kcfg, self.bootstrap)
         try:
-            await self.sink.start(self.types)
+            try:
+                await self.sink.start(self.types)
+            except (KafkaError, OSError) as e:
+                if not isinstance(self.sink, KafkaSink) or not any(t.ack == "spool" for t in self.types.values()):
+                    raise
+                # Spooled types are what keeps a gateway useful while Kafka is away.
+                log.warning("Kafka unreachable at start (%r): spooled types are acknowledged from the spool, "
+                            "the others answered retry-later, until it answers", e)
+                self._sink_task = asyncio.get_running_loop().create_task(self.sink.start_when_reachable(self.types))
             self.router = self._make_router()
             self.metrics.attach(self.router.lanes)
             self.router.start()
+            self._start_adopter()
             self.security = Security(self.cfg.tls, self.cfg.auth, self.cfg.limits, self.types)
             self.server = IngestServer(self.cfg.server, self.router, self.security)
             await self.server.start(reuse_port=self.reuse_port)
@@ -126,21 +143,31 @@ class Daemon:
     def _make_router(self) -> Router:
         assert self.sink is not None
         cfg = self.cfg
-        if self.worker_index is None or not any(t.ack == "spool" for t in self.types.values()):
+        if self.worker_index is None:
             return Router(self.types, self.sink, cfg.kafka, cfg.server, cfg.spool)
-        # Workers share spool.dir: each takes the first free slot directory
-        # (a restarted or replacing worker picks up what an earlier one left).
-        base = cfg.spool.resolved_dir()
+        return Router(self.types, self.sink, cfg.kafka, cfg.server, cfg.spool, spool_root_provider=self._spool_slot)
+
+    def _spool_slot(self) -> Path:
+        """Workers share spool.dir: each holds the first free slot directory for
+        its lifetime, taken when its first spooled type needs it. What a
+        worker that is gone left in its slot is delivered by SpoolAdopter."""
+        base = self.cfg.spool.resolved_dir()
         for slot in range(_SPOOL_SLOTS):
-            try:
-                router = Router(self.types, self.sink, cfg.kafka, cfg.server, cfg.spool, base / f"slot-{slot}")
-            except SpoolError as e:
-                if "in use" in str(e):
-                    continue
-                raise
-            log.info("worker %s: spool slot %s", self.worker_index, router.spool_root)
-            return router
+            fd = lock_slot(base / f"slot-{slot}")
+            if fd is not None:
+                self._slot_fd = fd
+                log.info("worker %s: spool slot %s", self.worker_index, base / f"slot-{slot}")
+                return base / f"slot-{slot}"
         raise SpoolError(f"{base}: all {_SPOOL_SLOTS} spool slots are in use")
+
+    def _start_adopter(self) -> None:
+        assert self.router is not None and self.sink is not None
+        router = self.router
+        self.adopter = SpoolAdopter(
+            self.cfg.spool.resolved_dir(), lambda: router.spool_root, lambda: set(router.lanes),
+            self.sink, self.cfg.kafka, self.cfg.defaults, router.requests, self.cfg.spool.segment_bytes,
+            self.cfg.spool.fsync)
+        self._adopter_task = asyncio.get_running_loop().create_task(self.adopter.run())
 
     async def _start_admin(self) -> None:
         routes: dict[tuple[str, str], Handler] = {("GET", "/metrics"): self._http_metrics, ("GET", "/healthz"): self._http_healthz,
@@ -148,6 +175,7 @@ class Daemon:
         if self.control_socket:
             self.control = AdminServer({**routes, ("POST", "/reload"): self._http_reload})
             await self.control.start_unix(self.control_socket)
+            os.chmod(self.control_socket, 0o600)  # the supervisor (same user) only
         elif self.cfg.server.admin_listen:
             host, port = parse_host_port(self.cfg.server.admin_listen)
             self.admin = AdminServer(routes)
@@ -165,26 +193,38 @@ class Daemon:
         why = await self.not_ready()
         return (503, "text/plain", f"not ready: {why}\n".encode()) if why else (200, "text/plain", b"ready\n")
 
-    async def _http_reload(self, _body: bytes) -> tuple[int, str, bytes]:
-        ok, msg = await self.reload()
+    async def _http_reload(self, body: bytes) -> tuple[int, str, bytes]:
+        path = body.decode(errors="replace") or None
+        if path is not None and self.control_socket and \
+                PurePath(path).parent != PurePath(self.control_socket).parent:
+            return 400, "text/plain", b"a worker reloads only configs its supervisor put beside its socket\n"
+        ok, msg = await self.reload(path)
         return (200 if ok else 409), "text/plain", (msg + "\n").encode()
 
     async def not_ready(self) -> str:
-        """Why a load balancer should not send producers here now; empty when it should."""
+        """Why a load balancer should not send producers here now; empty when it should.
+
+        Kafka unreachable makes a gateway unready, unless it has spooled types
+        accepting events: those keep being acknowledged during the outage,
+        which is what the spool is for."""
         if self.server is None or self._stopped:
             return "not started"
         if self.server.draining:
             return "draining"
         if self.sink is not None and not await self.sink.reachable():
+            if self.router is not None and any(getattr(lane, "spool", None) is not None and lane.ring.accepting
+                                               for lane in self.router.lanes.values()):
+                return ""
             return "Kafka unreachable"
         return ""
 
     # reload
 
-    async def reload(self) -> tuple[bool, str]:
-        """Re-read the config file; apply it if it is valid and reloadable."""
+    async def reload(self, path: str | None = None) -> tuple[bool, str]:
+        """Re-read the config file (or ``path``); apply it if it is valid and reloadable."""
+        path = path or self.config_path
         try:
-            new = with_overrides(load_config(self.config_path), **self.overrides)
+            new = with_overrides(load_config(path), **self.overrides)
         except ConfigError as e:
             msg = f"config reload refused, the running config stays in force: {e}"
             log.error("%s", msg)
@@ -209,7 +249,7 @@ class Daemon:
         self.cfg = new
         self.types = resolve_types(new)
         self.reloads += 1
-        msg = f"config reloaded from {self.config_path}: " + ("; ".join(changes) if changes else "no changes")
+        msg = f"config reloaded from {path}: " + ("; ".join(changes) if changes else "no changes")
         log.info("%s", msg)
         return True, msg
 
@@ -220,6 +260,9 @@ class Daemon:
             return
         self._stopped = True
         deadline = time.monotonic() + self.cfg.server.drain_timeout_ms / 1000
+        if self._adopter_task is not None:
+            self._adopter_task.cancel()
+            await asyncio.gather(self._adopter_task, return_exceptions=True)
         if self.server is not None:
             await self.server.drain(deadline)
         if self.router is not None:
@@ -235,8 +278,14 @@ class Daemon:
         if self.control_socket:
             with contextlib.suppress(OSError):
                 os.unlink(self.control_socket)
+        if self._sink_task is not None:
+            self._sink_task.cancel()
+            await asyncio.gather(self._sink_task, return_exceptions=True)
         if self.sink is not None:
             await self.sink.stop()
+        if self._slot_fd >= 0:
+            os.close(self._slot_fd)
+            self._slot_fd = -1
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None
@@ -254,18 +303,17 @@ class Daemon:
             reloads.add(t)
             t.add_done_callback(reloads.discard)
 
+        # A worker reloads and is replaced when its supervisor says so: it
+        # starts with SIGHUP and SIGUSR2 ignored (supervisor._worker_preexec).
         if self.control_socket is None:
             loop.add_signal_handler(signal.SIGHUP, on_hup)
-        else:
-            # A worker reloads and is replaced when its supervisor says so; a
-            # hangup or SIGUSR2 sent to the whole process group must not kill it.
-            loop.add_signal_handler(signal.SIGHUP, lambda: None)
-            loop.add_signal_handler(signal.SIGUSR2, lambda: None)
         try:
             await self.start()
             await stop.wait()
             log.info("signal received: draining")
         finally:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2):
-                loop.remove_signal_handler(sig)
-            await self.stop()
+            try:
+                await self.stop()  # handlers stay: a second SIGTERM must not kill a drain
+            finally:
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)

@@ -30,16 +30,55 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out).decode()
 
 
+# syslog priorities for journald's "<N>" line prefix (SyslogLevelPrefix=yes).
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+class _JournalPrefix(logging.Formatter):
+    """Prefix each line with its syslog priority, so `journalctl -p err` works."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _PRIORITY.get(record.levelno, 6)
+        return "\n".join(f"<{prio}>{line}" for line in self.inner.format(record).split("\n"))
+
+
+def _stderr_is_journal() -> bool:
+    """systemd sets $JOURNAL_STREAM to the device:inode of the journal stream."""
+    js = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return js == f"{st.st_dev}:{st.st_ino}"
+
+
+def is_json() -> bool:
+    return any(isinstance(getattr(h.formatter, "inner", h.formatter), JsonFormatter)
+               for h in logging.getLogger().handlers)
+
+
 def setup_logging(verbose: bool = False, fmt: str = "auto") -> None:
     if fmt == "auto":
         fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler(sys.stderr)
+    formatter: logging.Formatter
     if fmt == "json":
-        handler.setFormatter(JsonFormatter())
+        formatter = JsonFormatter()
     else:
         worker = os.environ.get("EVENTBROKER_WORKER")
         who = f"[worker {worker}] " if worker is not None else ""
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s"))
+        formatter = logging.Formatter(f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
+    handler.setFormatter(_JournalPrefix(formatter) if _stderr_is_journal() else formatter)
+    if fmt == "json":
+        # Uncaught errors as JSON too, not as a bare traceback.
+        def hook(tp, value, tb) -> None:
+            logging.getLogger("eventbroker").critical("uncaught exception", exc_info=(tp, value, tb))
+
+        sys.excepthook = hook
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

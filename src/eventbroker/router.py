@@ -27,6 +27,7 @@ import itertools
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
@@ -246,9 +247,9 @@ class Lane:
 
     async def _drain(self) -> None:
         ring = self.ring
-        kcfg = self._kcfg
-        linger_s = kcfg.linger_ms / 1000
         while not self._stopping:
+            kcfg = self._kcfg  # a reload may replace it
+            linger_s = kcfg.linger_ms / 1000
             if self.state is LaneState.OPEN:
                 await self._probe()
                 continue
@@ -483,7 +484,8 @@ class Router:
     """The registry's rings and lanes, and the native splitter in front of them."""
 
     def __init__(self, types: dict[str, EventType], sink: Sink, kcfg: KafkaConfig, server_cfg: ServerConfig,
-                 spool_cfg: SpoolConfig | None = None, spool_root: Path | None = None):
+                 spool_cfg: SpoolConfig | None = None, spool_root: Path | None = None,
+                 spool_root_provider: Callable[[], Path] | None = None):
         self.core = fp.Router(
             max_events_per_batch=server_cfg.max_events_per_batch,
             max_event_bytes=server_cfg.max_event_bytes,
@@ -494,8 +496,12 @@ class Router:
         self._by_name: dict[bytes, Lane] = {}
         self._sink = sink
         self._retiring: set[asyncio.Task[None]] = set()
+        self.retired_spools: list[Lane] = []  # removed spooled types still forwarding
         spool_cfg = spool_cfg or SpoolConfig()
-        self.spool_root = spool_root or spool_cfg.resolved_dir()
+        # Where spooled types keep their logs: given, or from the provider (a
+        # worker's slot, taken when the first spooled type needs it).
+        self.spool_root: Path | None = spool_root
+        self._spool_root_provider = spool_root_provider or spool_cfg.resolved_dir
         spools: list[SpoolLog] = []
         try:
             for name, et in types.items():
@@ -510,12 +516,16 @@ class Router:
                    spool_cfg: SpoolConfig, spools: list[SpoolLog]) -> Lane:
         if et.ack != "spool":
             return Lane(et, sink, kcfg, server_cfg, self.requests)
+        from eventbroker.spool_adopt import write_meta
         from eventbroker.spool_lane import SpoolLane  # it builds on Lane: imported here, not at the top
 
+        if self.spool_root is None:
+            self.spool_root = self._spool_root_provider()
         directory = self.spool_root / et.name
         spool = SpoolLog(directory, segment_bytes=spool_cfg.segment_bytes, fsync=spool_cfg.fsync, name=et.name)
         spool.open()
         spools.append(spool)
+        write_meta(directory, et)
         log.info("type %s: acknowledged once in the disk spool %s (fsync %s)", et.name, directory, spool_cfg.fsync)
         return SpoolLane(et, sink, kcfg, server_cfg, self.requests, spool_cfg, spool)
 
@@ -534,6 +544,17 @@ class Router:
         stops accepting at once (its events become unknown_type), delivers
         what it holds until ``drain_timeout_ms``, and hands back the rest."""
         changes: list[str] = []
+        # New lanes first (opening a spool can fail): nothing changes unless all open.
+        added: dict[str, Lane] = {}
+        opened: list[SpoolLog] = []
+        try:
+            for name, et in types.items():
+                if name not in self.lanes:
+                    added[name] = self._make_lane(et, self._sink, kcfg, server_cfg, spool_cfg, opened)
+        except BaseException:
+            for sp in opened:
+                sp.close()
+            raise
         self.core.max_events_per_batch = server_cfg.max_events_per_batch
         self.core.max_event_bytes = server_cfg.max_event_bytes
         if self.budget.limit_bytes != server_cfg.memory_budget_bytes:
@@ -542,7 +563,7 @@ class Router:
         for name, et in types.items():
             lane = self.lanes.get(name)
             if lane is None:
-                lane = self._make_lane(et, self._sink, kcfg, server_cfg, spool_cfg, [])
+                lane = added[name]
                 self._add(name, lane, server_cfg)
                 lane.start()
                 changes.append(f"added type {name}")
@@ -567,6 +588,14 @@ class Router:
         return changes
 
     async def _retire(self, lane: Lane, deadline: float) -> None:
+        retire = getattr(lane, "retire", None)
+        if retire is not None:  # a spooled type still delivers what it acknowledged
+            self.retired_spools.append(lane)
+            try:
+                await retire(deadline)
+            finally:
+                self.retired_spools.remove(lane)
+            return
         await lane.stop(deadline)
         if not lane.idle:
             lane.shed("its type was removed from the config")
@@ -580,7 +609,8 @@ class Router:
             lane.start()
 
     async def stop(self, deadline: float) -> None:
-        await asyncio.gather(*(lane.stop(deadline) for lane in self.lanes.values()), *self._retiring)
+        retired = [lane.stop(deadline) for lane in self.retired_spools]
+        await asyncio.gather(*(lane.stop(deadline) for lane in self.lanes.values()), *retired, *self._retiring)
 
     @property
     def idle(self) -> bool:

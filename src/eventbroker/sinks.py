@@ -161,6 +161,7 @@ class KafkaSink:
         self._client: AIOKafkaClient | None = None
         self._reach_checked = 0.0
         self._reach_ok = False
+        self._ready = False  # bootstrapped
 
     async def start(self, types: dict[str, EventType]) -> None:
         cfg = self._cfg
@@ -173,9 +174,34 @@ class KafkaSink:
             retry_backoff_ms=cfg.retry_backoff_ms,
             **cfg.client_security(),
         )
-        await self._client.bootstrap()
+        try:
+            await self._client.bootstrap()
+        except BaseException:
+            await self._client.close()
+            self._client = None
+            raise
         if types:
             await self._client.set_topics(sorted({t.topic for t in types.values()}))
+        self._ready = True
+
+    async def start_when_reachable(self, types: dict[str, EventType]) -> None:
+        """``start`` again and again (with back-off) until Kafka answers."""
+        delay = self._cfg.retry_backoff_ms / 1000
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                await self.start(types)
+            except (KafkaError, OSError) as e:
+                log.debug("Kafka still unreachable: %r", e)
+                delay = min(delay * 2, self._cfg.retry_backoff_max_ms / 1000)
+                continue
+            log.info("Kafka reachable at %s; delivering", self._bootstrap)
+            return
+
+    def _client_or_raise(self) -> AIOKafkaClient:
+        if self._client is None or not self._ready:
+            raise Errors.KafkaConnectionError(f"not connected to Kafka at {self._bootstrap} yet")
+        return self._client
 
     async def _create_topics(self, types: dict[str, EventType]) -> None:
         cfg = self._cfg
@@ -212,22 +238,20 @@ class KafkaSink:
             self._client = None
 
     async def reachable(self) -> bool:
-        """Whether a broker answers a metadata request now (cached for a second)."""
+        """Whether a broker answers a metadata request for our topics now (cached for a second)."""
         now = time.monotonic()
         if now - self._reach_checked < 1.0:
             return self._reach_ok
         self._reach_checked = now
         try:
-            assert self._client is not None
-            await asyncio.wait_for(self._client.fetch_all_metadata(), 2.0)
-            self._reach_ok = True
+            client = self._client_or_raise()
+            self._reach_ok = bool(await asyncio.wait_for(client.force_metadata_update(), 2.0))
         except Exception:
             self._reach_ok = False
         return self._reach_ok
 
     async def partitions(self, topic: str) -> int:
-        client = self._client
-        assert client is not None
+        client = self._client_or_raise()
         parts = client.cluster.partitions_for_topic(topic)
         if not parts:
             await client.add_topic(topic)
@@ -243,8 +267,7 @@ class KafkaSink:
         Batches that were acknowledged are removed from ``batches``, so a
         retry after a partial failure sends only the rest.
         """
-        client = self._client
-        assert client is not None
+        client = self._client_or_raise()
         by_node: dict[int, list[tuple[int, bytes]]] = defaultdict(list)
         errors: dict[int, str] = {}
         for partition, buf, _count in batches:

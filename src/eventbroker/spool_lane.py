@@ -158,8 +158,8 @@ class Forwarder:
 
     async def _forward(self) -> None:
         loop = asyncio.get_running_loop()
-        max_read = 4 * self._kcfg.batch_max_bytes
         while not self._stopping:
+            max_read = 4 * self._kcfg.batch_max_bytes
             self._wakeup.clear()
             if self._failed:
                 await self._recover()
@@ -349,11 +349,26 @@ class SpoolLane(Lane):
         self._writer = ThreadPoolExecutor(1, thread_name_prefix=f"spool-write:{etype.name}")
         self.forwarder = Forwarder(spool, etype, sink, kcfg, self._requests)
         self._syncer: asyncio.Task[None] | None = None
+        self._closed = False
         self.shed_reason = Reason.SPOOL_UNAVAILABLE
 
     def update_spool(self, scfg: SpoolConfig) -> None:
         """A reload may change the size limits (the rest needs a restart)."""
         self._scfg = scfg
+        self.forwarder._kcfg = self._kcfg
+
+    async def retire(self, deadline: float) -> None:
+        """The type was removed from the config: it takes no more events, but
+        what its spool holds (acknowledged) is still delivered, however long
+        that takes, unless the daemon stops first; then the spool is closed."""
+        while not self.idle and time.monotonic() < deadline and self.state is not LaneState.OPEN:
+            self._wakeup.set()  # what the ring holds goes to the spool first
+            await asyncio.sleep(0.01)
+        if not self.idle:
+            self.shed("its type was removed from the config")
+        while self.forwarder.backlog_bytes and not self.forwarder._stopping:  # noqa: ASYNC110 - rare, 5/s
+            await asyncio.sleep(0.2)
+        await self.stop(time.monotonic())
 
     def start(self) -> None:
         super().start()
@@ -363,6 +378,9 @@ class SpoolLane(Lane):
 
     async def stop(self, deadline: float) -> None:
         # Spool what the ring holds (acking it), deliver what we can, then stop.
+        if self._closed:
+            return
+        self._closed = True
         while not self.idle and time.monotonic() < deadline and self.state is not LaneState.OPEN:
             self._wakeup.set()
             await asyncio.sleep(0.01)
@@ -412,10 +430,10 @@ class SpoolLane(Lane):
     async def _drain(self) -> None:
         ring = self.ring
         loop = asyncio.get_running_loop()
-        max_unit = self._kcfg.batch_max_bytes
-        group_bytes = 4 * max_unit
         last_room_check = 0.0
         while not self._stopping:
+            max_unit = self._kcfg.batch_max_bytes  # a reload may change it
+            group_bytes = 4 * max_unit
             if self.state is LaneState.OPEN:
                 await self._probe()
                 continue

@@ -51,12 +51,22 @@ log = logging.getLogger("eventbroker.supervisor")
 _PR_SET_PDEATHSIG = 1
 _BACKOFF_S = (1.0, 30.0)
 _HEALTHY_RESET_S = 60.0
+_START_TIMEOUT_S = 120.0
+_HEALTH_EVERY_S = 2.0
+_CHECK_TIMEOUT_S = 0.8
+_READY_TIMEOUT_S = 0.5  # under a load balancer's usual 1 s check timeout
 
 
 def _worker_preexec() -> None:
     # A worker outlives a supervisor killed with -9 by at most a drain: it gets SIGTERM.
     with contextlib.suppress(Exception):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    # Reloads and replacements go through the supervisor; the same signals
+    # sent to the whole group (a terminal hangup, `systemctl kill` without
+    # --kill-whom=main) must not kill workers. Ignored signals stay ignored
+    # across exec.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 @dataclass
@@ -70,6 +80,8 @@ class Worker:
     restarts: int = 0
     backoff_s: float = _BACKOFF_S[0]
     task: asyncio.Task | None = field(default=None, repr=False)
+    healthy_at: float = 0.0  # last time /healthz answered
+    failed_checks: int = 0
 
 
 class Supervisor:
@@ -94,6 +106,10 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._busy = asyncio.Lock()  # one reload or swap at a time
         self._bg: set[asyncio.Task] = set()
+        self._scrape_lock = asyncio.Lock()
+        self._scraped_at = 0.0
+        self._scraped = b""
+        self.snapshot = ""
 
     # lifecycle
 
@@ -118,12 +134,15 @@ class Supervisor:
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
         loop.add_signal_handler(signal.SIGUSR2, lambda: self._spawn(self.restart_workers()))
         watchdog: asyncio.Task | None = None
+        health: asyncio.Task | None = None
         try:
             await self._start_admin()
             t0 = time.monotonic()
-            gen = await self._start_generation()
-            if not await self._wait_listening(gen, 120):
-                raise UsageError("workers did not start; see their log lines above")
+            async with self._busy:  # a SIGHUP or SIGUSR2 now waits for the start
+                gen = await self._start_generation(self.snapshot)
+                if not await self._wait_listening(gen, _START_TIMEOUT_S):
+                    raise UsageError("workers did not start; see their log lines above")
+            health = loop.create_task(self._check_health())
             log.info("eventbroker ready: %d workers on %s (started in %.1fs)%s", self.n, self.cfg.server.listen,
                      time.monotonic() - t0, f", admin on {self.admin.address}" if self.admin else "")
             sdnotify.notify("READY=1", f"STATUS=serving with {self.n} workers on {self.cfg.server.listen}")
@@ -135,8 +154,9 @@ class Supervisor:
             self.stopping = True
             sdnotify.notify("STOPPING=1", "STATUS=draining")
             log.info("signal received: draining %d workers", len(self.workers))
-            if watchdog is not None:
-                watchdog.cancel()
+            for t in (watchdog, health):
+                if t is not None:
+                    t.cancel()
             await self._stop_workers(list(self.workers))
             if self.admin is not None:
                 await self.admin.close()
@@ -152,11 +172,18 @@ class Supervisor:
         itself: a worker restarted while the file is being edited (or broken)
         starts with the config in force."""
         self.snapshot = os.path.join(self.runtime_dir, "config.toml")
+        os.replace(self._candidate(), self.snapshot)
+
+    def _candidate(self) -> str:
+        """The config file's current text, copied for workers to try."""
         data = open(self.config_path, "rb").read() if self.config_path else b""  # noqa: ASYNC230, SIM115
-        tmp = self.snapshot + ".tmp"
-        with open(tmp, "wb") as f:  # noqa: ASYNC230 - a few kB, at start and reload
+        path = os.path.join(self.runtime_dir, "config.next.toml")
+        with open(path, "wb") as f:  # noqa: ASYNC230 - a few kB, at start and reload
             f.write(data)
-        os.replace(tmp, self.snapshot)
+        return path
+
+    def _commit_candidate(self, path: str) -> None:
+        os.replace(path, self.snapshot)
 
     def _spawn(self, coro) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -164,40 +191,73 @@ class Supervisor:
         t.add_done_callback(self._bg.discard)
 
     async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 while the supervisor runs and a worker answered its health
+        check within the last 10 s (so a node whose workers all hang or keep
+        dying is restarted by systemd)."""
         while True:
-            if any(w.proc is not None and w.proc.returncode is None for w in self.workers):
+            now = time.monotonic()
+            if any(now - w.healthy_at < 10 for w in self.workers):
                 sdnotify.notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
+    async def _check_health(self) -> None:
+        """A worker that does not answer /healthz three times in a row (hung,
+        stopped) is killed and, by _keep_running, started again."""
+        while True:
+            await asyncio.sleep(_HEALTH_EVERY_S)
+            live = self._live()
+            answers = await asyncio.gather(*(http_request(w.control, "GET", "/healthz", timeout_s=_CHECK_TIMEOUT_S)
+                                             for w in live), return_exceptions=True)
+            now = time.monotonic()
+            for w, a in zip(live, answers, strict=True):
+                if isinstance(a, tuple) and a[0] == 200:
+                    w.healthy_at = now
+                    w.failed_checks = 0
+                    continue
+                if now - w.started < _START_TIMEOUT_S and not w.healthy_at:
+                    continue  # still starting
+                w.failed_checks += 1
+                if w.failed_checks >= 3 and w.proc is not None and w.proc.returncode is None:
+                    log.error("worker %d (pid %d) failed 3 health checks in a row; killing it", w.index, w.proc.pid)
+                    with contextlib.suppress(ProcessLookupError):
+                        w.proc.kill()
+                    w.failed_checks = 0
+
     # workers
 
-    async def _start_generation(self) -> list[Worker]:
+    async def _start_generation(self, config: str) -> list[Worker]:
         gen = self.generation = self.generation + 1
         workers = [Worker(i, gen, os.path.join(self.runtime_dir, f"worker-{gen}-{i}.sock")) for i in range(self.n)]
         for w in workers:
             self.workers.append(w)
-            w.task = asyncio.get_running_loop().create_task(self._keep_running(w))
+            w.task = asyncio.get_running_loop().create_task(self._keep_running(w, config))
         return workers
 
-    def _command(self, w: Worker) -> list[str]:
+    def _command(self, w: Worker, config: str) -> list[str]:
         cmd = [sys.executable, "-m", "eventbroker.cli", "--log-format", self.log_format]
         if self.verbose:
             cmd.append("-v")
         cmd += ["serve", "--worker-of", str(os.getpid()), "--worker-index", str(w.index),
                 "--control-socket", w.control]
-        cmd += ["--config", self.snapshot]
+        cmd += ["--config", config]
         for k in ("listen", "kafka", "sink"):
             if self.overrides.get(k) is not None:
                 cmd += [f"--{k}", self.overrides[k]]
         return cmd
 
-    async def _keep_running(self, w: Worker) -> None:
-        """Run worker ``w``; start it again (with back-off) whenever it dies unasked."""
+    async def _keep_running(self, w: Worker, config: str) -> None:
+        """Run worker ``w``; start it again (with back-off) whenever it dies unasked.
+        The first start reads ``config``; restarts read the config in force."""
         env = {**os.environ, "EVENTBROKER_WORKER": str(w.index)}
         env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
         while not self.stopping and not w.retiring:
-            w.proc = await asyncio.create_subprocess_exec(*self._command(w), env=env, preexec_fn=_worker_preexec)
+            w.proc = await asyncio.create_subprocess_exec(*self._command(w, config), env=env,
+                                                          preexec_fn=_worker_preexec)
+            config = self.snapshot
             w.started = time.monotonic()
+            if self.stopping or w.retiring:  # asked to stop while it was being started
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(signal.SIGTERM)
             code = await w.proc.wait()
             if self.stopping or w.retiring:
                 return
@@ -212,15 +272,19 @@ class Supervisor:
             w.backoff_s = min(w.backoff_s * 2, _BACKOFF_S[1])
 
     async def _wait_listening(self, workers: list[Worker], timeout_s: float) -> bool:
-        """True once every worker answers /healthz (it answers after it listens)."""
+        """True once every worker answers /healthz (it answers after it listens);
+        False at once when one of them dies first."""
         deadline = time.monotonic() + timeout_s
         pending = list(workers)
         while pending and time.monotonic() < deadline and not self._stop.is_set():
+            if any(w.restarts or (w.proc is not None and w.proc.returncode is not None) for w in workers):
+                return False
             for w in list(pending):
                 with contextlib.suppress(OSError, TimeoutError, ValueError, IndexError):
                     status, _ = await http_request(w.control, "GET", "/healthz", timeout_s=1)
                     if status == 200:
                         pending.remove(w)
+                        w.healthy_at = time.monotonic()
             if pending:
                 await asyncio.sleep(0.05)
         return not pending
@@ -233,6 +297,8 @@ class Supervisor:
                     w.proc.send_signal(signal.SIGTERM)
         grace = self.cfg.server.drain_timeout_ms / 1000 + 15
         for w in workers:
+            if w.task is not None and (w.proc is None or w.proc.returncode is not None):
+                w.task.cancel()  # waiting out a restart back-off
             if w.proc is not None:
                 try:
                     await asyncio.wait_for(w.proc.wait(), grace)
@@ -260,28 +326,49 @@ class Supervisor:
         async with self._busy:
             sdnotify.notify("RELOADING=1", sdnotify.monotonic_usec())
             try:
-                new = self._load()
-                if new is None:
-                    return False
-                blockers = reload_blockers(self.cfg, new)
-                if blockers:
-                    log.error("config reload refused, the running config stays in force: changing %s needs a "
-                              "restart", ", ".join(blockers))
-                    return False
-                self._snapshot_config()
-                results = await asyncio.gather(*(self._reload_worker(w) for w in self._live()),
-                                               return_exceptions=True)
-                ok = all(r is True for r in results)
-                if ok:
-                    self.cfg = new
-                    self.reloads += 1
-                    log.info("config reloaded by %d workers", len(results))
-                return ok
+                return await self._reload()
             finally:
                 sdnotify.notify("READY=1")
 
-    async def _reload_worker(self, w: Worker) -> bool:
-        status, body = await http_request(w.control, "POST", "/reload", timeout_s=30)
+    async def _reload(self) -> bool:
+        new = self._load()
+        if new is None:
+            return False
+        blockers = reload_blockers(self.cfg, new)
+        if blockers:
+            log.error("config reload refused, the running config stays in force: changing %s needs a "
+                      "restart", ", ".join(blockers))
+            return False
+        live = self._live()
+        if not live:
+            log.error("config reload refused: no worker is running")
+            return False
+        candidate = self._candidate()
+        results = await asyncio.gather(*(self._reload_worker(w, candidate) for w in live), return_exceptions=True)
+        if all(r is True for r in results):
+            self._commit_candidate(candidate)
+            self.cfg = new
+            self.reloads += 1
+            log.info("config reloaded by %d workers", len(results))
+            return True
+        # Some worker refused: the ones that applied it go back to the config in force.
+        applied = [w for w, r in zip(live, results, strict=True) if r is True]
+        back = await asyncio.gather(*(self._reload_worker(w, self.snapshot) for w in applied),
+                                    return_exceptions=True)
+        log.error("config reload refused by %d of %d workers; the running config stays in force%s",
+                  len(live) - len(applied), len(live),
+                  "" if all(r is True for r in back) else " (a worker could not go back: it will be replaced)")
+        for w, r in zip(applied, back, strict=True):
+            if r is not True and w.proc is not None and w.proc.returncode is None:
+                w.proc.kill()  # restarted from the config in force
+        return False
+
+    async def _reload_worker(self, w: Worker, config: str) -> bool:
+        try:
+            status, body = await http_request(w.control, "POST", "/reload", config.encode(), timeout_s=30)
+        except (OSError, TimeoutError, ValueError, IndexError) as e:
+            log.error("worker %d did not answer the reload: %r", w.index, e)
+            return False
         if status != 200:
             log.error("worker %d refused the reload: %s", w.index, body.decode(errors="replace").strip())
         return status == 200
@@ -295,22 +382,24 @@ class Supervisor:
             new_cfg = self._load()
             if new_cfg is None:
                 return False
-            blockers = [b for b in reload_blockers(self.cfg, new_cfg) if b != "server.workers"]
-            if any(b.startswith(("server.listen", "server.admin_listen")) for b in blockers):
+            blockers = [b for b in reload_blockers(self.cfg, new_cfg)
+                        if b.startswith(("server.listen", "server.admin_listen", "server.workers"))]
+            if blockers:
                 log.error("worker replacement refused: changing %s needs a full restart", ", ".join(blockers))
                 return False
-            self._snapshot_config()
-            self.cfg = new_cfg
+            candidate = self._candidate()
             old = [w for w in self.workers if not w.retiring]
             t0 = time.monotonic()
             log.info("replacing %d workers: starting generation %d", len(old), self.generation + 1)
             sdnotify.notify("STATUS=replacing workers")
-            new = await self._start_generation()
-            if not await self._wait_listening(new, 120):
-                log.error("the new workers did not start; keeping the old ones")
+            new = await self._start_generation(candidate)
+            if not await self._wait_listening(new, _START_TIMEOUT_S):
+                log.error("the new workers did not start; keeping the old ones and the config in force")
                 await self._stop_workers(new)
                 sdnotify.notify("STATUS=serving (worker replacement failed)")
                 return False
+            self._commit_candidate(candidate)
+            self.cfg = new_cfg
             ready_s = time.monotonic() - t0
             await self._stop_workers(old)
             self.last_swap_s = time.monotonic() - t0
@@ -340,7 +429,7 @@ class Supervisor:
     async def _readyz(self, _b: bytes) -> tuple[int, str, bytes]:
         if self.stopping:
             return 503, "text/plain", b"not ready: draining\n"
-        answers = await asyncio.gather(*(http_request(w.control, "GET", "/readyz", timeout_s=3)
+        answers = await asyncio.gather(*(http_request(w.control, "GET", "/readyz", timeout_s=_READY_TIMEOUT_S)
                                          for w in self._live()), return_exceptions=True)
         ready = sum(1 for a in answers if isinstance(a, tuple) and a[0] == 200)
         if ready:
@@ -349,32 +438,42 @@ class Supervisor:
         return 503, "text/plain", f"not ready: {why}\n".encode()
 
     async def _metrics(self, _b: bytes) -> tuple[int, str, bytes]:
-        live = self._live()
-        answers = await asyncio.gather(*(http_request(w.control, "GET", "/metrics", timeout_s=3) for w in live),
-                                       return_exceptions=True)
-        texts = [(w.index, a[1].decode()) for w, a in zip(live, answers, strict=True)
-                 if isinstance(a, tuple) and a[0] == 200]
+        async with self._scrape_lock:  # one merge at a time; others reuse it
+            now = time.monotonic()
+            if now - self._scraped_at > 0.5:
+                live = self._live()
+                answers = await asyncio.gather(*(http_request(w.control, "GET", "/metrics", timeout_s=_CHECK_TIMEOUT_S)
+                                                 for w in live), return_exceptions=True)
+                texts = [(w.index, w.generation, a[1].decode()) for w, a in zip(live, answers, strict=True)
+                         if isinstance(a, tuple) and a[0] == 200]
+                # Parsing is CPU work: off the loop that answers health checks.
+                self._scraped = await asyncio.get_running_loop().run_in_executor(None, self._render, texts)
+                self._scraped_at = time.monotonic()
+        return 200, "text/plain; version=0.0.4; charset=utf-8", self._scraped
+
+    def _render(self, texts: list[tuple[int, int, str]]) -> bytes:
         reg = CollectorRegistry(auto_describe=False)
         reg.register(_MergedCollector(self, texts))
-        return 200, "text/plain; version=0.0.4; charset=utf-8", generate_latest(reg)
+        return generate_latest(reg)
 
 
 class _MergedCollector(Collector):
     """The workers' metric families with a ``worker`` label, plus the supervisor's."""
 
-    def __init__(self, sup: Supervisor, texts: list[tuple[int, str]]) -> None:
+    def __init__(self, sup: Supervisor, texts: list[tuple[int, int, str]]) -> None:
         self.sup = sup
         self.texts = texts
 
     def collect(self):
         merged: dict[str, Metric] = {}
-        for index, text in self.texts:
+        for index, gen, text in self.texts:
             for fam in text_string_to_metric_families(text):
                 out = merged.get(fam.name)
                 if out is None:
                     out = merged[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
                 for s in fam.samples:
-                    out.add_sample(s.name, {**s.labels, "worker": str(index)}, s.value, s.timestamp, s.exemplar)
+                    labels = {**s.labels, "worker": str(index), "generation": str(gen)}
+                    out.add_sample(s.name, labels, s.value, s.timestamp, s.exemplar)
         yield from merged.values()
         sup = self.sup
         up = GaugeMetricFamily("eventbroker_workers", "Worker processes running", value=len(sup._live()))
