@@ -18,7 +18,7 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import make_config, read_ids
+from conftest import daemon_address, make_config, read_ids
 from eventbroker.admin_http import http_request
 from eventbroker.client import Producer
 from eventbroker.embedded import free_port, wait_for_port
@@ -471,3 +471,37 @@ async def test_a_reload_one_worker_refuses_is_rolled_back(tmp_path, kafka_bootst
         del lock_slot
     log = (tmp_path / "serve.log").read_text()
     assert "refused by 1 of 2 workers; the running config stays in force" in log
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_status_prints_live_per_type_rates(daemon_factory):
+    """`eventbroker status --once` against a daemon receiving events: a row per
+    type with a non-zero rate for the busy one."""
+    import sys
+
+    async with daemon_factory({"play": {}, "search": {}}) as d:
+        async with Producer(daemon_address(d), linger_ms=1) as p:
+            stop = asyncio.Event()
+
+            async def send() -> None:
+                i = 0
+                while not stop.is_set():
+                    await p.send("play", b"s-%d" % i)
+                    i += 1
+                    if i % 50 == 0:
+                        await asyncio.sleep(0.001)
+
+            sender = asyncio.create_task(send())
+            r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "eventbroker.cli", "status", "--admin",
+                                                        d.admin.address, "--once", "--interval", "0.5"],
+                                        capture_output=True, text=True, timeout=60)
+            stop.set()
+            await sender
+    assert r.returncode == 0, r.stderr
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:]}
+    assert set(rows) == {"play", "search"}
+    assert rows["play"][1] == "delivering" and rows["play"][2] != "0"  # recv/s
+    assert rows["search"][2] == "0"
+    r2 = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "eventbroker.cli", "status", "--admin",
+                                                  "127.0.0.1:1", "--once"], capture_output=True, text=True, timeout=60)
+    assert r2.returncode == 1 and "cannot read http://127.0.0.1:1/metrics" in r2.stderr
