@@ -135,6 +135,15 @@ def test_serve_on_embedded_default_starts_and_stops_its_broker(tmp_path):
             capture_output=True, timeout=60,
         )
         assert t.stdout == b'{"hello":"world"}\n'
+        # A reload on the embedded default (the supervisor started the broker).
+        with open(conf, "a") as f:
+            f.write('[types.signup]\npriority = "high"\n')
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while b"config reloaded by" not in log.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        r = produce("signup", [b'{"new":"type"}'], port)
+        assert r.returncode == 0, (r.stderr.decode(), log.read_text()[-2000:])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     text = log.read_text()

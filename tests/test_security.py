@@ -389,3 +389,107 @@ def test_unused_fastpath_reason_constant_matches_protocol():
     from eventbroker.protocol import Reason
 
     assert Reason.FORBIDDEN == fp.REASON_FORBIDDEN == 5
+
+
+# --------------------------------------------------------------------------
+# from a cold review of the above
+
+
+def test_a_certificate_only_producer_cannot_be_claimed_with_an_empty_or_odd_secret():
+    """A producer with no token hashes (certificate only) must not accept any
+    token, and secrets must be exactly 43 base64url characters."""
+    from eventbroker.auth import Authenticator, AuthFailed
+
+    token, digest = create_token("checkout")
+    auth = Authenticator({"billing": AuthProducer(cert_subject="billing", types=["payment"]),
+                          "checkout": AuthProducer(token_hashes=[digest], types=["play"])})
+    secret = token.split(".", 2)[2]
+    for bad in (b"ebt1.billing.", b"ebt1.billing.====", b"ebt1.billing." + secret.encode(),
+                b"ebt1.checkout.", b"ebt1.checkout." + secret[:-1].encode(), b"ebt1.checkout." + secret.encode() + b"=",
+                b"ebt1.checkout." + secret.encode() + b"!", b"ebt1.checkout.!" + secret[1:].encode()):
+        with pytest.raises(AuthFailed):
+            auth.by_token(bad)
+    assert auth.by_token(token.encode()).name == "checkout"
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_reload_closes_connections_that_no_longer_pass(secure_daemon):
+    """Removing a token's hash, or requiring authentication, closes the open
+    connections that relied on it; the others keep working."""
+    auth, token = _auth(["play"], required=False)
+    async with secure_daemon({"play": {}}, auth=auth) as d:
+        async with Producer(daemon_address(d), token=token, linger_ms=1, reconnect_backoff_ms=(5000, 5000)) as tp, \
+                Producer(daemon_address(d), linger_ms=1, reconnect_backoff_ms=(5000, 5000)) as anon:
+            assert await (await tp.send("play", b"t")) and await (await anon.send("play", b"a"))
+            other_token, other_hash = create_token("checkout")
+            d.security.replace(AuthConfig(required=True, producers={"checkout": AuthProducer(
+                token_hashes=[other_hash], types=["play"])}), d.cfg.limits, d.types)
+            d.server.reconfigured()
+            await asyncio.sleep(0.2)
+            assert tp._conn is None and anon._conn is None  # both closed by the server
+            assert d.server.stats.errors_by_code.get(ErrorCode.AUTH_FAILED, 0) >= 2
+        async with Producer(daemon_address(d), token=other_token, linger_ms=1) as p:
+            assert await (await p.send("play", b"new token"))
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_failures_on_connections_opened_in_parallel_are_limited_too(secure_daemon):
+    """Opening many connections first and failing on all of them afterwards
+    does not get around max_failures_per_minute."""
+    auth, token = _auth(["play"], max_failures_per_minute=3)
+    async with secure_daemon({"play": {}}, auth=auth) as d:
+        port = d.server.port
+        conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+        answers = []
+        for reader, writer in conns:
+            writer.write(Hello("guess", auth=b"ebt1.checkout." + b"A" * 43).encode())
+            answers.append(await read_answer(reader))
+            writer.close()
+        assert answers[:3] == [(ErrorCode.AUTH_FAILED, "authentication failed")] * 3
+        assert all(a == (ErrorCode.AUTH_FAILED, "too many failed handshakes from this address; retry in a minute")
+                   for a in answers[3:])
+        assert d.security.stats.auth_failures == 3  # the rest were refused before any check
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_token_does_not_pass_with_a_foreign_certificate(secure_daemon, pki):
+    """With client certificates: a token over a certificate that names no
+    producer is refused, and require_cert makes the certificate mandatory."""
+    token, digest = create_token("checkout")
+    auth = AuthConfig(required=True, producers={"checkout": AuthProducer(
+        token_hashes=[digest], cert_subject="checkout", require_cert=True, types=["play"])})
+    own = pki.issue("own.pem", "checkout", server=False)
+    foreign = pki.issue("foreign.pem", "someone-else", server=False)
+    async with secure_daemon({"play": {}}, tls=tls_cfg(pki, "optional"), auth=auth) as d:
+        for cert in (None, foreign):
+            async with Producer(daemon_address(d), ca_file=pki.ca_file, token=token,
+                                cert_file=cert[0] if cert else None, key_file=cert[1] if cert else None,
+                                connect_timeout_s=2) as p:
+                with pytest.raises((ServerError, ConnectionError)):
+                    await p.wait_connected(3)
+        await good_producer(d, ca_file=pki.ca_file, token=token, cert_file=own[0], key_file=own[1])
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_trickled_bytes_do_not_keep_a_connection_alive(secure_daemon):
+    """The idle timeout counts whole frames: a byte a second of a frame that
+    never completes does not hold the connection (or its buffer) open."""
+    async with secure_daemon({"play": {}}, limits=LimitsConfig(idle_timeout_ms=1000)) as d:
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.server.port)
+        writer.write(Hello("trickle").encode())
+        assert await read_answer(reader) == "welcome"
+        frame = fp.encode_frame(fp.FRAME_HEARTBEAT, b"\0" * 8)
+        answer_task = asyncio.create_task(read_answer(reader, timeout_s=10))
+        for b in frame[:-1]:
+            if answer_task.done():
+                break
+            writer.write(bytes([b]))
+            await asyncio.sleep(0.25)
+        answer = await answer_task
+        writer.close()
+        assert answer == (ErrorCode.TIMEOUT, "nothing received for 1s (idle timeout)")
+
+
+def test_two_producers_cannot_share_a_certificate_subject():
+    with pytest.raises(msgspec.ValidationError, match="same cert_subject"):
+        msgspec.convert({"producers": {"a": {"cert_subject": "x"}, "b": {"cert_subject": "x"}}}, AuthConfig)

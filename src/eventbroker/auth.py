@@ -23,7 +23,9 @@ import secrets
 from dataclasses import dataclass
 
 TOKEN_PREFIX = "ebt1"
-_DUMMY_SALT = b"\x00" * 16
+_SECRET_BYTES = 32
+_SECRET_CHARS = 43  # base64url of 32 bytes, unpadded
+_B64_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
 def _b64(b: bytes) -> str:
@@ -42,7 +44,7 @@ def hash_secret(secret: bytes, salt: bytes | None = None) -> str:
 
 def create_token(producer: str) -> tuple[str, str]:
     """A new token for ``producer`` and the hash to put in the config."""
-    secret = secrets.token_bytes(32)
+    secret = secrets.token_bytes(_SECRET_BYTES)
     return f"{TOKEN_PREFIX}.{producer}.{_b64(secret)}", hash_secret(secret)
 
 
@@ -65,6 +67,9 @@ def _verify(secret: bytes, stored: str) -> bool:
     want = _unb64(digest_s)
     got = hmac.new(_unb64(salt_s), secret, hashlib.sha256).digest()
     return hmac.compare_digest(got, want)
+
+
+_DUMMY_HASH = hash_secret(secrets.token_bytes(_SECRET_BYTES))  # matches no secret
 
 
 @dataclass(frozen=True)
@@ -92,26 +97,32 @@ class Authenticator:
         return Identity(name, tuple(p.types))
 
     def by_token(self, token: bytes) -> Identity:
+        secret = b""
+        name = ""
         try:
-            text = token.decode("ascii")
-            prefix, name, secret_s = text.split(".", 2)
-            secret = _unb64(secret_s)
+            prefix, name, secret_s = token.decode("ascii").split(".", 2)
+            if prefix == TOKEN_PREFIX and len(secret_s) == _SECRET_CHARS and _B64_ALPHABET.issuperset(secret_s):
+                secret = _unb64(secret_s)
         except (UnicodeDecodeError, ValueError, TypeError):
-            hmac.new(_DUMMY_SALT, token, hashlib.sha256).digest()  # same work as a real check
-            raise AuthFailed("malformed token") from None
-        entry = self.producers.get(name) if prefix == TOKEN_PREFIX else None
+            pass
+        entry = self.producers.get(name) if secret else None
         hashes = list(entry.token_hashes) if entry is not None else []
+        # The same work whatever was wrong: at least one HMAC, compared in constant time.
         ok = False
-        for h in hashes or [hash_secret(b"", _DUMMY_SALT)]:  # unknown names cost the same
-            ok |= _verify(secret, h)
+        for h in hashes or [_DUMMY_HASH]:
+            ok |= _verify(secret or b"\0" * 32, h)
+        if not secret:
+            raise AuthFailed("malformed token")
         if entry is None:
-            raise AuthFailed(f"unknown producer {name!r}" if prefix == TOKEN_PREFIX else "unknown token format")
+            raise AuthFailed(f"unknown producer {name[:64]!r}")
+        if not hashes:
+            raise AuthFailed(f"producer {name!r} has no token configured (certificate only)")
         if not ok:
             raise AuthFailed(f"wrong secret for producer {name!r}")
         return self.identity(name)
 
     def by_certificate(self, subject_cn: str) -> Identity:
         for name, p in self.producers.items():
-            if (p.cert_subject or name) == subject_cn and (p.cert_subject or p.allow_cert_name):
+            if p.cert_subject and p.cert_subject == subject_cn:
                 return self.identity(name)
-        raise AuthFailed(f"no producer for certificate subject CN={subject_cn!r}")
+        raise AuthFailed(f"no producer for certificate subject CN={subject_cn[:64]!r}")

@@ -51,6 +51,15 @@ def _run(coro) -> int:
 # serve
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, as set by taskset or
+    systemd's CPUAffinity=), else all of them."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from eventbroker.daemon import Daemon
 
@@ -62,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.worker_of is None and not args.single_process:
         from eventbroker.supervisor import run_supervisor
 
-        n = args.workers if args.workers is not None else (cfg.server.workers or os.cpu_count() or 1)
+        n = args.workers if args.workers is not None else (cfg.server.workers or _usable_cores())
         if n < 1:
             raise ConfigError("--workers: must be at least 1 (or use --single-process)")
         return asyncio.run(run_supervisor(cfg, path, overrides, n, args.log_format, args.verbose))
@@ -224,9 +233,14 @@ async def _tail(args: argparse.Namespace) -> int:
     )
     try:
         await consumer.start()
+        topics = await consumer.topics()
     except BaseException:
         await consumer.stop()
         raise
+    if topic not in topics:
+        # Otherwise the consumer waits for it forever, silently.
+        log.warning("topic %s does not exist (yet): no event of type %r has been delivered to %s; waiting for it",
+                    topic, args.type, bootstrap)
     seen = 0
     out = sys.stdout
     try:

@@ -17,11 +17,15 @@ from eventbroker.errors import UsageError
 from eventbroker.spool import SpoolError, check_directory, list_segments, lock_for_offline_use
 
 
-def _spool_root(args: argparse.Namespace, cfg: Config) -> Path:
+def _spool_root(args: argparse.Namespace, cfg: Config) -> Path | None:
     root = Path(args.dir) if args.dir else cfg.spool.resolved_dir()
-    if not root.is_dir():
-        raise UsageError(f"{root}: no such spool directory (give --dir or [spool] dir in --config)")
-    return root
+    if root.is_dir():
+        return root
+    if args.dir:
+        raise UsageError(f"{root}: no such spool directory")
+    print(f"{root}: no spool here yet (it is made when a type with ack = \"spool\" first runs; "
+          "--dir names another)", file=sys.stderr)
+    return None
 
 
 def _is_type_dir(p: Path) -> bool:
@@ -43,6 +47,10 @@ def _type_dirs(root: Path, only: str | None) -> list[Path]:
 
 def cmd_spool_check(args: argparse.Namespace, cfg: Config) -> int:
     root = _spool_root(args, cfg)
+    if root is None:
+        if args.json:
+            print("[]")
+        return 0
     reports = []
     bad = 0
     for d in _type_dirs(root, args.type):
@@ -131,6 +139,8 @@ async def _replay(cfg: Config, bootstrap: str, dirs: list[Path], timeout_s: floa
 
 def cmd_spool_replay(args: argparse.Namespace, cfg: Config) -> int:
     root = _spool_root(args, cfg)
+    if root is None:
+        return 0
     bootstrap = args.kafka or cfg.kafka.bootstrap_servers
     if not bootstrap:
         raise UsageError("spool replay needs a Kafka cluster: --kafka HOST:PORT or [kafka] bootstrap_servers")

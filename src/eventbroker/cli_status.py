@@ -56,7 +56,7 @@ def render(prev: dict, cur: dict) -> str:
              f"/{g.get('eventbroker_memory_budget_limit_bytes', 0) / 2**20:.0f} MiB"
              f"   draining {'yes' if g.get('eventbroker_draining') else 'no'}",
              f"{'type':<20} {'state':<11} {'recv/s':>9} {'persist/s':>9} {'reject/s':>9} {'retry/s':>9} "
-             f"{'fill':>6} {'spool':>9}"]
+             f"{'fill':>6} {'spool':>9} {'persisted':>11} {'rejected':>9}"]
     for name in sorted(cur["types"]):
         c, p = cur["types"][name], prev["types"].get(name, {})
 
@@ -71,7 +71,9 @@ def render(prev: dict, cur: dict) -> str:
         lines.append(f"{name:<20} {state:<11} {rate('eventbroker_events_received_total'):>9} "
                      f"{rate('eventbroker_events_persisted_total'):>9} {rate('eventbroker_events_rejected_total'):>9} "
                      f"{rate('eventbroker_events_retry_later_total'):>9} {fill:>6} "
-                     f"{(f'{backlog / 2**20:.1f}M' if backlog is not None else '-'):>9}")
+                     f"{(f'{backlog / 2**20:.1f}M' if backlog is not None else '-'):>9} "
+                     f"{int(c.get('eventbroker_events_persisted_total', 0)):>11} "
+                     f"{int(c.get('eventbroker_events_rejected_total', 0)):>9}")
     return "\n".join(lines)
 
 
@@ -88,7 +90,8 @@ def cmd_status(args: argparse.Namespace, config_path: str | None) -> int:
             if args.once:
                 print(table)
                 return 0
-            sys.stdout.write("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S ") + admin + "\n" + table + "\n")
+            clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n"
+            sys.stdout.write(clear + time.strftime("%H:%M:%S ") + admin + "\n" + table + "\n")
             sys.stdout.flush()
             prev = cur
     except (urllib.error.URLError, OSError) as e:

@@ -182,7 +182,9 @@ class AuthProducer(_Base, frozen=True):
     cert_subject: str = ""
     # Event types it may send: names or shell-style patterns ("search.*").
     types: list[str] = msgspec.field(default_factory=list)
-    allow_cert_name: bool = False
+    # true: a token alone is not enough; the connection must also present
+    # this producer's client certificate (cert_subject).
+    require_cert: bool = False
 
     def __post_init__(self) -> None:
         from eventbroker.auth import check_hash_format
@@ -191,6 +193,8 @@ class AuthProducer(_Base, frozen=True):
             why = check_hash_format(h)
             if why:
                 raise ValueError(f"token_hashes: entry {i}: {why}")
+        if self.require_cert and not self.cert_subject:
+            raise ValueError("require_cert: needs cert_subject")
 
 
 class AuthConfig(_Base, frozen=True):
@@ -204,6 +208,15 @@ class AuthConfig(_Base, frozen=True):
     # for the rest of that minute.
     max_failures_per_minute: Annotated[int, Meta(ge=1)] = 10
 
+    def __post_init__(self) -> None:
+        seen: dict[str, str] = {}
+        for name, p in self.producers.items():
+            if p.cert_subject:
+                if p.cert_subject in seen:
+                    raise ValueError(f"producers: {name} and {seen[p.cert_subject]} have the same cert_subject "
+                                     f"{p.cert_subject!r}")
+                seen[p.cert_subject] = name
+
 
 class LimitsConfig(_Base, frozen=True):
     handshake_timeout_ms: Annotated[int, Meta(ge=100)] = 10_000
@@ -212,8 +225,12 @@ class LimitsConfig(_Base, frozen=True):
     max_connections: Annotated[int, Meta(ge=1)] = 100_000
     max_connections_per_address: Annotated[int, Meta(ge=1)] = 10_000
     # Bytes of a connection's batches accepted but not yet answered; above it
-    # new batches are answered retry-later (overloaded).
+    # the connection is not read from until acks bring it back under.
     max_inflight_bytes_per_connection: Annotated[int, Meta(ge=1024 * 1024)] = 64 * 1024 * 1024
+    # Addresses of load balancers: every producer behind one shares its
+    # address, so the per-address limit and the failed-handshake refusal do
+    # not apply to them (the load balancer must rate-limit instead).
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
 
 
 class TypeDefaults(_Base, frozen=True):

@@ -57,14 +57,15 @@ def is_loopback(host: str) -> bool:
 
 
 def certificate_cn(peercert: dict | None) -> str:
-    """The subject commonName of a verified peer certificate, or ""."""
+    """The subject commonName of a verified peer certificate, or "".
+    A subject with several CNs is refused: which one names the producer
+    would be a guess."""
     if not peercert:
         return ""
-    for rdn in peercert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return ""
+    cns = [str(value) for rdn in peercert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    if len(cns) > 1:
+        raise AuthFailed(f"client certificate has {len(cns)} subject CNs")
+    return cns[0] if cns else ""
 
 
 class Security:
@@ -76,6 +77,7 @@ class Security:
         self.type_names = sorted(type_names)
         self.stats = SecurityStats()
         self._failures: dict[str, deque[float]] = {}
+        self.trusted = frozenset(limits.trusted_proxies)
 
     def replace(self, auth: AuthConfig, limits: LimitsConfig, type_names: Iterable[str]) -> None:
         """A reload: new producers, patterns and limits (TLS needs a restart)."""
@@ -83,6 +85,7 @@ class Security:
         self.limits = limits
         self.authenticator = Authenticator(auth.producers)
         self.type_names = sorted(type_names)
+        self.trusted = frozenset(limits.trusted_proxies)
 
     def ssl_context(self) -> ssl.SSLContext | None:
         return server_ssl_context(self.tls) if self.tls.enabled else None
@@ -98,12 +101,16 @@ class Security:
             try:
                 cert_id = self.authenticator.by_certificate(cn)
             except AuthFailed:
-                if not token and self.auth.required:
+                # A certificate that names no producer never passes with a
+                # token (a stolen token must not work with any certificate).
+                if token or self.auth.required:
                     raise
         if token:
             ident = self.authenticator.by_token(token)
             if cert_id is not None and cert_id.name != ident.name:
                 raise AuthFailed(f"token of {ident.name!r} over the certificate of {cert_id.name!r}")
+            if self.authenticator.producers[ident.name].require_cert and cert_id is None:
+                raise AuthFailed(f"producer {ident.name!r} must present its client certificate")
             return ident
         if cert_id is not None:
             return cert_id
@@ -124,6 +131,8 @@ class Security:
 
     def note_failure(self, addr: str) -> None:
         self.stats.auth_failures += 1
+        if addr in self.trusted:  # a load balancer: every producer behind it shares the address
+            return
         q = self._failures.setdefault(addr, deque())
         q.append(time.monotonic())
         if len(self._failures) > 100_000:  # bound the table under a spread-out attack

@@ -46,13 +46,15 @@ from eventbroker.security import Security, is_loopback
 log = logging.getLogger("eventbroker.server")
 
 _HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
+_LINGER_S = 1.0
+_TOO_MANY_FAILURES = "too many failed handshakes from this address; retry in a minute"
 # Framing errors before the handshake mean the peer does not speak this protocol.
 _NOT_OUR_PROTOCOL = {ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNKNOWN_FRAME_TYPE, ErrorCode.MALFORMED_FRAME}
 
 
 class ServerStats:
     __slots__ = ("connections", "connections_total", "protocol_errors", "batches", "acks_sent", "rejected",
-                 "retry_later")
+                 "retry_later", "errors_by_code")
 
     def __init__(self) -> None:
         self.connections = 0
@@ -64,6 +66,7 @@ class ServerStats:
         # kept (producers choose them): they count under "<unknown>".
         self.rejected: dict[tuple[str, int], int] = {}
         self.retry_later: dict[tuple[str, int], int] = {}
+        self.errors_by_code: dict[int, int] = {}  # ERROR frames sent, by code
 
 
 class IngestProtocol(asyncio.Protocol):
@@ -89,6 +92,7 @@ class IngestProtocol(asyncio.Protocol):
         self._inflight_bytes = 0  # bytes of batches with parts not yet answered
         self._batch_bytes: dict[int, list[int]] = {}  # seq -> [bytes, parts owed]
         self._paused_for: set[str] = set()  # why reading is paused: "acks", "inflight"
+        self._auth: tuple[bytes, dict | None] = (b"", None)
 
     # asyncio callbacks
 
@@ -117,7 +121,6 @@ class IngestProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._state == _CLOSED:
             return
-        self.last_rx = self._server.now()
         reader = self._reader
         reader.feed(data)
         try:
@@ -125,6 +128,7 @@ class IngestProtocol(asyncio.Protocol):
                 ftype = reader.next_frame()
                 if ftype < 0:
                     return
+                self.last_rx = self._server.now()  # whole frames only: trickled bytes do not count
                 if ftype == FrameType.EVENT_BATCH and self._state == _OPEN:
                     self._on_batch()
                 elif self._state == _HANDSHAKE:
@@ -196,6 +200,9 @@ class IngestProtocol(asyncio.Protocol):
             raise ProtocolError(ErrorCode.BAD_HANDSHAKE, f"expected HELLO as the first frame, got type {ftype}")
         hello = Hello.decode(self._reader.body())
         security = self._server.security
+        if security.refused(self.addr):  # failures on connections opened before the limit was reached
+            security.stats.auth_refused_addresses += 1
+            raise ProtocolError(ErrorCode.AUTH_FAILED, _TOO_MANY_FAILURES)
         peercert = self._transport.get_extra_info("peercert") if self._transport is not None else None
         try:
             self.identity = security.authenticate(hello.auth, peercert)
@@ -203,6 +210,7 @@ class IngestProtocol(asyncio.Protocol):
             security.note_failure(self.addr)
             log.warning("authentication failed for %s (client id %r): %s", self.peer, hello.client_id, e)
             raise ProtocolError(ErrorCode.AUTH_FAILED, "authentication failed") from None
+        self._auth = (hello.auth, peercert)  # checked again on every reload
         self.allowed = security.allowed(self.identity)
         if self._timer is not None:
             self._timer.cancel()
@@ -308,13 +316,25 @@ class IngestProtocol(asyncio.Protocol):
     def _fatal(self, code: int, message: str) -> None:
         if self._state == _CLOSED:
             return
-        self._server.stats.protocol_errors += 1
+        stats = self._server.stats
+        stats.protocol_errors += 1
+        stats.errors_by_code[code] = stats.errors_by_code.get(code, 0) + 1
         log.info("closing connection from %s (%s): %s: %s", self.peer, self.client_id or "-", _code_name(code), message)
         self._write(ErrorFrame(code, message).encode())
         self._state = _CLOSED
         self.closed = True
-        if self._transport is not None:
-            self._transport.close()
+        t = self._transport
+        if t is None:
+            return
+        # Closing a socket with unread input makes the kernel send a reset,
+        # which can destroy the ERROR frame before the peer reads it. So:
+        # send FIN after the frame, discard what still comes in for a moment,
+        # then close.
+        if t.can_write_eof():
+            t.write_eof()
+            asyncio.get_running_loop().call_later(_LINGER_S, t.close)
+        else:
+            t.close()
 
     def close(self) -> None:
         """Close after what is buffered (ACKs) has been written."""
@@ -380,7 +400,8 @@ class IngestServer:
             idle_s = self.security.limits.idle_timeout_ms / 1000
             await asyncio.sleep(min(1.0, idle_s / 4))
             cutoff = self.now() - idle_s
-            for conn in [c for c in self._conns if c.last_rx < cutoff]:
+            # A connection we stopped reading (back-pressure) cannot show us its heartbeats.
+            for conn in [c for c in self._conns if c.last_rx < cutoff and not c._paused_for and not c.closed]:
                 self.security.stats.idle_timeouts += 1
                 conn._fatal(ErrorCode.TIMEOUT, f"nothing received for {idle_s:.0f}s (idle timeout)")
 
@@ -408,11 +429,11 @@ class IngestServer:
         sec = self.security
         if sec.refused(conn.addr):
             sec.stats.auth_refused_addresses += 1
-            return ErrorCode.AUTH_FAILED, "too many failed handshakes from this address; retry in a minute"
+            return ErrorCode.AUTH_FAILED, _TOO_MANY_FAILURES
         if len(self._conns) > sec.limits.max_connections:
             sec.stats.refused_total_limit += 1
             return ErrorCode.CONNECTION_LIMIT, f"server at its connection limit ({sec.limits.max_connections})"
-        if n > sec.limits.max_connections_per_address:
+        if n > sec.limits.max_connections_per_address and conn.addr not in sec.trusted:
             sec.stats.refused_address_limit += 1
             return (ErrorCode.CONNECTION_LIMIT,
                     f"too many connections from this address (limit {sec.limits.max_connections_per_address})")
@@ -429,10 +450,21 @@ class IngestServer:
         self.stats.connections = len(self._conns)
 
     def reconfigured(self) -> None:
-        """After a reload: open connections get their identity's new type list."""
-        for conn in self._conns:
-            if conn.identity is not None:
-                conn.allowed = self.security.allowed(conn.identity)
+        """After a reload every open connection is authenticated again with what
+        it presented: one that no longer passes (its token hash removed, auth
+        now required, its certificate no longer named) is closed; the others
+        get their producer's new type list."""
+        for conn in list(self._conns):
+            if conn._state != _OPEN:
+                continue
+            token, peercert = conn._auth
+            try:
+                conn.identity = self.security.authenticate(token, peercert)
+            except AuthFailed as e:
+                log.warning("closing connection from %s after the reload: %s", conn.peer, e)
+                conn._fatal(ErrorCode.AUTH_FAILED, "authentication failed")
+                continue
+            conn.allowed = self.security.allowed(conn.identity)
 
     async def drain(self, deadline: float) -> None:
         """Stop accepting, ask producers to go elsewhere, finish their batches."""

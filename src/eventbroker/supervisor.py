@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -110,6 +111,7 @@ class Supervisor:
         self._scraped_at = 0.0
         self._scraped = b""
         self.snapshot = ""
+        self._own_runtime_dir = ""
 
     # lifecycle
 
@@ -122,11 +124,13 @@ class Supervisor:
             self.embedded = EmbeddedKafka(port=kcfg.embedded_port)
             await asyncio.get_running_loop().run_in_executor(None, self.embedded.start)
             self.overrides["kafka"] = self.embedded.bootstrap
+            self.cfg = with_overrides(self.cfg, kafka=self.embedded.bootstrap)  # as reloads will load it
             log.warning("no Kafka configured: started the embedded development broker (Tansu, memory storage) on "
                         "%s for the workers. For development only: its events are lost when it stops.",
                         self.embedded.bootstrap)
-        self.runtime_dir = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or \
-            tempfile.mkdtemp(prefix="eventbroker-")
+        self.runtime_dir = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        if not self.runtime_dir:
+            self.runtime_dir = self._own_runtime_dir = tempfile.mkdtemp(prefix="eventbroker-")
         self._snapshot_config()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
@@ -162,6 +166,8 @@ class Supervisor:
                 await self.admin.close()
             if self.embedded is not None:
                 self.embedded.stop()
+            if self._own_runtime_dir:
+                shutil.rmtree(self._own_runtime_dir, ignore_errors=True)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
                 loop.remove_signal_handler(sig)
             log.info("eventbroker stopped")
