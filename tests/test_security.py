@@ -493,3 +493,40 @@ async def test_trickled_bytes_do_not_keep_a_connection_alive(secure_daemon):
 def test_two_producers_cannot_share_a_certificate_subject():
     with pytest.raises(msgspec.ValidationError, match="same cert_subject"):
         msgspec.convert({"producers": {"a": {"cert_subject": "x"}, "b": {"cert_subject": "x"}}}, AuthConfig)
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_producer_that_never_reads_its_acks_is_dropped_after_the_idle_timeout(secure_daemon):
+    """It fills its socket with unread acks; the server stops reading it and,
+    once that has lasted idle_timeout_ms, closes it (freeing its slot)."""
+    async with secure_daemon({"play": {}}, limits=LimitsConfig(idle_timeout_ms=1000)) as d:
+        reader, writer = await asyncio.open_connection("127.0.0.1", d.server.port)
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        writer.write(Hello("deaf").encode())
+        writer.transport.pause_reading()  # never read again
+        enc = fp.BatchEncoder()
+        frames = []
+        for i in range(60_000):
+            enc.add(b"play", struct.pack(">QQ", 1, i + 1), 1, None, b"x")
+            frames.append(enc.finish(i + 1))
+            enc.reset()
+        blob = b"".join(frames)
+        t0 = time.monotonic()
+        try:
+            for i in range(0, len(blob), 1 << 16):
+                writer.write(blob[i : i + (1 << 16)])
+                await asyncio.sleep(0)
+            await asyncio.wait_for(writer.drain(), 30)
+        except (ConnectionError, TimeoutError, RuntimeError):  # dropped by the server meanwhile
+            pass
+        deadline = time.monotonic() + 20
+        while d.server.stats.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        took = time.monotonic() - t0
+        writer.transport.abort()
+        assert d.server.stats.connections == 0, "the deaf producer is still connected"
+        assert d.security.stats.idle_timeouts >= 1
+        print(f"\ndeaf producer dropped {took:.1f}s after it started sending")
+        ids = await good_producer(d)
+        assert len(ids) == 300

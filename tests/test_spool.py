@@ -728,3 +728,53 @@ def test_a_hung_spool_write_hands_events_back_as_spool_unavailable(tmp_path):
     lane = asyncio.run(go())
     assert answers == [("retry", Reason.SPOOL_UNAVAILABLE)]
     assert lane.stats.sheds == 1
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_spooled_type_removed_and_added_back_keeps_its_spool(tmp_path):
+    """Kafka cut off; the spooled type is removed by a reload while its spool
+    holds acknowledged events (it keeps them), then added back by another
+    reload before they were delivered: the same lane returns, takes events
+    again, and everything reaches Kafka once the network heals."""
+    from eventbroker.embedded import EmbeddedKafka
+    from faultproxy import FaultProxy
+
+    if os.environ.get("EVENTBROKER_TEST_KAFKA"):
+        pytest.skip("the broker must advertise the proxy: needs its own broker")
+    bport = free_port()
+    proxy = await FaultProxy("127.0.0.1", bport).start()
+    broker = EmbeddedKafka(port=bport, log_path=str(tmp_path / "tansu.log"), advertised=f"127.0.0.1:{proxy.port}")
+    await asyncio.get_running_loop().run_in_executor(None, broker.start)
+    prefix = "a" + os.urandom(4).hex()
+    with_audit = make_config(f"127.0.0.1:{proxy.port}", {"play": {}, "audit": {"ack": "spool"}}, prefix=prefix,
+                             spool={"dir": str(tmp_path / "spool")}, kafka={"request_timeout_ms": 2000})
+    without = make_config(f"127.0.0.1:{proxy.port}", {"play": {}}, prefix=prefix,
+                          spool={"dir": str(tmp_path / "spool")}, kafka={"request_timeout_ms": 2000})
+    conf = _write_conf(tmp_path, with_audit)
+    d = Daemon(with_audit, config_path=str(conf))
+    await d.start()
+    try:
+        async with Producer(daemon_address(d), linger_ms=1) as p:
+            proxy.cut()
+            ids = {await f for f in [await p.send("audit", b"before-%d" % i) for i in range(1000)]}
+            lane = d.router.lanes["audit"]
+            _write_conf(tmp_path, without)
+            ok, msg = await d.reload()
+            assert ok and "removed type audit" in msg
+            with pytest.raises(Exception, match="unknown_type"):
+                await (await p.send("audit", b"while removed"))
+            assert lane.forwarder.backlog_bytes > 0  # still holds what it acknowledged
+            _write_conf(tmp_path, with_audit)
+            ok, msg = await d.reload()
+            assert ok and "back before its spool was delivered" in msg, msg
+            assert d.router.lanes["audit"] is lane
+            ids |= {await f for f in [await p.send("audit", b"after-%d" % i) for i in range(1000)]}
+            proxy.heal()
+            await _until(lambda: lane.forwarder.backlog_bytes == 0, 60, "the spool to drain")
+        await d.stop()
+        found = await asyncio.to_thread(read_ids, broker.bootstrap, with_audit.types["audit"].topic, ids, 60)
+    finally:
+        await d.stop()
+        await proxy.close()
+        broker.stop()
+    assert found == ids and len(ids) == 2000

@@ -81,6 +81,8 @@ class Daemon:
         self._stopped = False
         self.reloads = 0
         self._slot_fd = -1
+        self._slot_index = -1
+        self._skip_slots: set[int] = set()
         self.adopter: SpoolAdopter | None = None
         self._adopter_task: asyncio.Task | None = None
         self._sink_task: asyncio.Task | None = None
@@ -145,7 +147,19 @@ class Daemon:
         cfg = self.cfg
         if self.worker_index is None:
             return Router(self.types, self.sink, cfg.kafka, cfg.server, cfg.spool)
-        return Router(self.types, self.sink, cfg.kafka, cfg.server, cfg.spool, spool_root_provider=self._spool_slot)
+        while True:
+            try:
+                return Router(self.types, self.sink, cfg.kafka, cfg.server, cfg.spool,
+                              spool_root_provider=self._spool_slot)
+            except SpoolError as e:
+                # A type directory of the free slot is held by someone else
+                # (`spool replay`, a daemon of an older layout): next slot.
+                if "in use" not in str(e) or self._slot_fd < 0:
+                    raise
+                log.warning("worker %s: %s; trying the next spool slot", self.worker_index, e)
+                os.close(self._slot_fd)
+                self._slot_fd = -1
+                self._skip_slots.add(self._slot_index)
 
     def _spool_slot(self) -> Path:
         """Workers share spool.dir: each holds the first free slot directory for
@@ -153,9 +167,12 @@ class Daemon:
         worker that is gone left in its slot is delivered by SpoolAdopter."""
         base = self.cfg.spool.resolved_dir()
         for slot in range(_SPOOL_SLOTS):
+            if slot in self._skip_slots:
+                continue
             fd = lock_slot(base / f"slot-{slot}")
             if fd is not None:
                 self._slot_fd = fd
+                self._slot_index = slot
                 log.info("worker %s: spool slot %s", self.worker_index, base / f"slot-{slot}")
                 return base / f"slot-{slot}"
         raise SpoolError(f"{base}: all {_SPOOL_SLOTS} spool slots are in use")
@@ -164,9 +181,11 @@ class Daemon:
         assert self.router is not None and self.sink is not None
         router = self.router
         self.adopter = SpoolAdopter(
-            self.cfg.spool.resolved_dir(), lambda: router.spool_root, lambda: set(router.lanes),
+            self.cfg.spool.resolved_dir(), lambda: router.spool_root,
+            lambda: {n for n, lane in router.lanes.items() if lane.etype.ack == "spool"}
+            | {lane.etype.name for lane in router.retired_spools},
             self.sink, self.cfg.kafka, self.cfg.defaults, router.requests, self.cfg.spool.segment_bytes,
-            self.cfg.spool.fsync)
+            self.cfg.spool.fsync, known=lambda: self.types)
         self._adopter_task = asyncio.get_running_loop().create_task(self.adopter.run())
 
     async def _start_admin(self) -> None:

@@ -497,6 +497,8 @@ class Router:
         self._sink = sink
         self._retiring: set[asyncio.Task[None]] = set()
         self.retired_spools: list[Lane] = []  # removed spooled types still forwarding
+        self._retiring_lanes: dict[str, Lane] = {}  # the same, by name (a reload may bring one back)
+        self._retire_tasks: dict[str, asyncio.Task[None]] = {}
         spool_cfg = spool_cfg or SpoolConfig()
         # Where spooled types keep their logs: given, or from the provider (a
         # worker's slot, taken when the first spooled type needs it).
@@ -549,8 +551,14 @@ class Router:
         opened: list[SpoolLog] = []
         try:
             for name, et in types.items():
-                if name not in self.lanes:
-                    added[name] = self._make_lane(et, self._sink, kcfg, server_cfg, spool_cfg, opened)
+                if name in self.lanes:
+                    continue
+                back = self._retiring_lanes.get(name)
+                if back is not None and back.etype.ack == et.ack and back.etype.topic == et.topic and \
+                        not getattr(back, "finishing", False):
+                    added[name] = back  # removed, still delivering its spool: it comes back as it is
+                    continue
+                added[name] = self._make_lane(et, self._sink, kcfg, server_cfg, spool_cfg, opened)
         except BaseException:
             for sp in opened:
                 sp.close()
@@ -564,6 +572,14 @@ class Router:
             lane = self.lanes.get(name)
             if lane is None:
                 lane = added[name]
+                if self._retiring_lanes.get(name) is lane:
+                    del self._retiring_lanes[name]
+                    task = self._retire_tasks.pop(name)
+                    task.cancel()  # it keeps its spool, its forwarder and its tasks
+                    self._add(name, lane, server_cfg)
+                    lane.update(et, kcfg, server_cfg.memory_budget_bytes)
+                    changes.append(f"added type {name} (back before its spool was delivered)")
+                    continue
                 self._add(name, lane, server_cfg)
                 lane.start()
                 changes.append(f"added type {name}")
@@ -584,6 +600,9 @@ class Router:
             t = asyncio.get_running_loop().create_task(self._retire(lane, deadline))
             self._retiring.add(t)
             t.add_done_callback(self._retiring.discard)
+            if hasattr(lane, "retire"):
+                self._retiring_lanes[name] = lane
+                self._retire_tasks[name] = t
             changes.append(f"removed type {name}")
         return changes
 
@@ -595,6 +614,10 @@ class Router:
                 await retire(deadline)
             finally:
                 self.retired_spools.remove(lane)
+                name = lane.etype.name
+                if self._retiring_lanes.get(name) is lane:
+                    del self._retiring_lanes[name]
+                    self._retire_tasks.pop(name, None)
             return
         await lane.stop(deadline)
         if not lane.idle:

@@ -93,6 +93,7 @@ class IngestProtocol(asyncio.Protocol):
         self._batch_bytes: dict[int, list[int]] = {}  # seq -> [bytes, parts owed]
         self._paused_for: set[str] = set()  # why reading is paused: "acks", "inflight"
         self._auth: tuple[bytes, dict | None] = (b"", None)
+        self.paused_since: dict[str, float] = {}
 
     # asyncio callbacks
 
@@ -179,6 +180,8 @@ class IngestProtocol(asyncio.Protocol):
     def _pause(self, why: str) -> None:
         if not self._paused_for and self._transport is not None:
             self._transport.pause_reading()
+        if why not in self._paused_for:
+            self.paused_since[why] = self._server.now()
         self._paused_for.add(why)
 
     def _resume(self, why: str) -> None:
@@ -332,9 +335,10 @@ class IngestProtocol(asyncio.Protocol):
         # then close.
         if t.can_write_eof():
             t.write_eof()
-            asyncio.get_running_loop().call_later(_LINGER_S, t.close)
-        else:
-            t.close()
+        loop = asyncio.get_running_loop()
+        loop.call_later(_LINGER_S, t.close)
+        loop.call_later(_LINGER_S + 5, t.abort)  # a peer that does not read: do not wait for it
+        self._server.connection_closed(self)  # no longer counted against the limits
 
     def close(self) -> None:
         """Close after what is buffered (ACKs) has been written."""
@@ -404,6 +408,15 @@ class IngestServer:
             for conn in [c for c in self._conns if c.last_rx < cutoff and not c._paused_for and not c.closed]:
                 self.security.stats.idle_timeouts += 1
                 conn._fatal(ErrorCode.TIMEOUT, f"nothing received for {idle_s:.0f}s (idle timeout)")
+            # One that has not read its acks for as long: it will not; drop it.
+            for conn in [c for c in self._conns if "acks" in c._paused_for and not c.closed
+                         and c.paused_since.get("acks", 0) < cutoff]:
+                self.security.stats.idle_timeouts += 1
+                log.info("closing connection from %s: it has not read its acks for %.0fs", conn.peer, idle_s)
+                conn.closed = True
+                conn._state = _CLOSED
+                self.connection_closed(conn)
+                conn.abort()
 
     @property
     def addresses(self) -> list[str]:

@@ -176,23 +176,26 @@ class KafkaSink:
         )
         try:
             await self._client.bootstrap()
+            if types:
+                await self._client.set_topics(sorted({t.topic for t in types.values()}))
         except BaseException:
             await self._client.close()
             self._client = None
             raise
-        if types:
-            await self._client.set_topics(sorted({t.topic for t in types.values()}))
         self._ready = True
 
     async def start_when_reachable(self, types: dict[str, EventType]) -> None:
         """``start`` again and again (with back-off) until Kafka answers."""
         delay = self._cfg.retry_backoff_ms / 1000
+        attempts = 0
         while True:
             await asyncio.sleep(delay)
+            attempts += 1
             try:
                 await self.start(types)
             except (KafkaError, OSError) as e:
-                log.debug("Kafka still unreachable: %r", e)
+                if attempts % 10 == 0:  # a persistent error (credentials, say) must not stay silent
+                    log.warning("Kafka at %s still unreachable after %d attempts: %r", self._bootstrap, attempts, e)
                 delay = min(delay * 2, self._cfg.retry_backoff_max_ms / 1000)
                 continue
             log.info("Kafka reachable at %s; delivering", self._bootstrap)

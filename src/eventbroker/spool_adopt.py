@@ -15,6 +15,7 @@ import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
@@ -27,6 +28,7 @@ from eventbroker.spool import SpoolError, SpoolLog, list_segments
 log = logging.getLogger("eventbroker.spool")
 
 META_FILE = "type.json"
+_STALL_S = 60.0
 SLOT_LOCK = "slot.lock"
 
 
@@ -39,11 +41,15 @@ def write_meta(type_dir: Path, et: EventType) -> None:
     os.replace(tmp, type_dir / META_FILE)
 
 
-def read_meta(type_dir: Path, defaults: TypeDefaults) -> EventType:
+def read_meta(type_dir: Path, defaults: TypeDefaults, known: dict[str, EventType] | None = None) -> EventType | None:
+    """The type a spool belongs to: from its type.json, else from the config;
+    None when neither says (its topic would be a guess)."""
     try:
         m = orjson.loads((type_dir / META_FILE).read_bytes())
     except (OSError, orjson.JSONDecodeError):
-        m = {}
+        if known and type_dir.name in known:
+            return known[type_dir.name]
+        return None
     return EventType(name=type_dir.name, topic=m.get("topic", f"events.{type_dir.name}"),
                      priority=m.get("priority", defaults.priority),
                      max_event_bytes=m.get("max_event_bytes", defaults.max_event_bytes),
@@ -72,10 +78,12 @@ def _type_dirs(d: Path) -> list[Path]:
 
 class SpoolAdopter:
     def __init__(self, base: Path, own_root, configured, sink: Sink, kcfg: KafkaConfig, defaults: TypeDefaults,
-                 requests: PrioritySlots, segment_bytes: int, fsync: str) -> None:
+                 requests: PrioritySlots, segment_bytes: int, fsync: str, known=None) -> None:
         self.base = base
         self.own_root = own_root  # () -> Path | None: this process's spool root, if it has one
-        self.configured = configured  # () -> set of type names this process's lanes own
+        self.configured = configured  # () -> names of this process's spooled lanes (they own their spools)
+        # () -> the configured types, for spools without type.json
+        self.known: Callable[[], dict[str, EventType]] = known or dict
         self.sink = sink
         self.kcfg = kcfg
         self.defaults = defaults
@@ -83,6 +91,7 @@ class SpoolAdopter:
         self.segment_bytes = segment_bytes
         self.fsync = fsync
         self.adopted_events = 0
+        self._warned: set[Path] = set()
 
     async def run(self, every_s: float = 5.0) -> None:
         await asyncio.sleep(1.0)
@@ -129,14 +138,30 @@ class SpoolAdopter:
         try:
             if not log_.pending_bytes:
                 return
-            et = read_meta(type_dir, self.defaults)
+            et = read_meta(type_dir, self.defaults, self.known())
+            if et is None:
+                if type_dir not in self._warned:
+                    self._warned.add(type_dir)
+                    log.error("unowned spool %s holds %d undelivered bytes but its topic is unknown (no type.json, "
+                              "type not in the config): add the type to the config or run "
+                              "`eventbroker spool replay`", type_dir, log_.pending_bytes)
+                return
             log.warning("type %s: delivering %d bytes from an unowned spool %s to %s", et.name,
                         log_.pending_bytes, type_dir, et.topic)
             f = Forwarder(log_, et, self.sink, self.kcfg, self.requests)
             f.start()
             try:
-                while f.backlog_bytes:  # noqa: ASYNC110 - a background sweep
+                # Give up for this sweep when nothing moves for a minute (Kafka
+                # away): the next sweep tries again, other spools get a turn.
+                last, still_since = f.backlog_bytes, asyncio.get_running_loop().time()
+                while f.backlog_bytes:
                     await asyncio.sleep(0.2)
+                    now = asyncio.get_running_loop().time()
+                    if f.backlog_bytes != last:
+                        last, still_since = f.backlog_bytes, now
+                    elif now - still_since > _STALL_S:
+                        log.warning("type %s: unowned spool %s is not moving; trying again later", et.name, type_dir)
+                        break
             finally:
                 await f.stop(0.0)
             self.adopted_events += f.stats.events_forwarded

@@ -350,6 +350,7 @@ class SpoolLane(Lane):
         self.forwarder = Forwarder(spool, etype, sink, kcfg, self._requests)
         self._syncer: asyncio.Task[None] | None = None
         self._closed = False
+        self.finishing = False
         self.shed_reason = Reason.SPOOL_UNAVAILABLE
 
     def update_spool(self, scfg: SpoolConfig) -> None:
@@ -368,6 +369,7 @@ class SpoolLane(Lane):
             self.shed("its type was removed from the config")
         while self.forwarder.backlog_bytes and not self.forwarder._stopping:  # noqa: ASYNC110 - rare, 5/s
             await asyncio.sleep(0.2)
+        self.finishing = True  # from here on a reload cannot bring it back
         await self.stop(time.monotonic())
 
     def start(self) -> None:

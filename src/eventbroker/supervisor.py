@@ -83,6 +83,7 @@ class Worker:
     task: asyncio.Task | None = field(default=None, repr=False)
     healthy_at: float = 0.0  # last time /healthz answered
     failed_checks: int = 0
+    version: int = 0  # the config version it runs
 
 
 class Supervisor:
@@ -112,6 +113,7 @@ class Supervisor:
         self._scraped = b""
         self.snapshot = ""
         self._own_runtime_dir = ""
+        self.version = 0  # of the config in force; +1 per reload or replacement
 
     # lifecycle
 
@@ -257,10 +259,13 @@ class Supervisor:
         env = {**os.environ, "EVENTBROKER_WORKER": str(w.index)}
         env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
         while not self.stopping and not w.retiring:
+            w.version = self.version if config == self.snapshot else self.version + 1
             w.proc = await asyncio.create_subprocess_exec(*self._command(w, config), env=env,
                                                           preexec_fn=_worker_preexec)
             config = self.snapshot
             w.started = time.monotonic()
+            w.healthy_at = 0.0  # a new process: it has answered nothing yet
+            w.failed_checks = 0
             if self.stopping or w.retiring:  # asked to stop while it was being started
                 with contextlib.suppress(ProcessLookupError):
                     w.proc.send_signal(signal.SIGTERM)
@@ -345,39 +350,62 @@ class Supervisor:
             log.error("config reload refused, the running config stays in force: changing %s needs a "
                       "restart", ", ".join(blockers))
             return False
-        live = self._live()
+        # Workers that have answered a health check since they started; the
+        # others (starting now) are brought up to date after the commit.
+        live = [w for w in self._live() if w.healthy_at > w.started]
         if not live:
             log.error("config reload refused: no worker is running")
             return False
         candidate = self._candidate()
-        results = await asyncio.gather(*(self._reload_worker(w, candidate) for w in live), return_exceptions=True)
-        if all(r is True for r in results):
+        results = await asyncio.gather(*(self._reload_worker(w, candidate) for w in live))
+        refused = [w for w, r in zip(live, results, strict=True) if r == "refused"]
+        if not refused:
             self._commit_candidate(candidate)
             self.cfg = new
+            self.version += 1
             self.reloads += 1
-            log.info("config reloaded by %d workers", len(results))
+            for w, r in zip(live, results, strict=True):
+                if r == "applied":
+                    w.version = self.version
+            log.info("config reloaded by %d workers", results.count("applied"))
+            await self._bring_up_to_date()
             return True
-        # Some worker refused: the ones that applied it go back to the config in force.
-        applied = [w for w, r in zip(live, results, strict=True) if r is True]
-        back = await asyncio.gather(*(self._reload_worker(w, self.snapshot) for w in applied),
-                                    return_exceptions=True)
-        log.error("config reload refused by %d of %d workers; the running config stays in force%s",
-                  len(live) - len(applied), len(live),
-                  "" if all(r is True for r in back) else " (a worker could not go back: it will be replaced)")
-        for w, r in zip(applied, back, strict=True):
-            if r is not True and w.proc is not None and w.proc.returncode is None:
-                w.proc.kill()  # restarted from the config in force
+        # A worker refused: the ones that applied it go back to the config in force.
+        applied = [w for w, r in zip(live, results, strict=True) if r == "applied"]
+        back = await asyncio.gather(*(self._reload_worker(w, self.snapshot) for w in applied))
+        log.error("config reload refused by %d of %d workers; the running config stays in force",
+                  len(refused), len(live))
+        unknown = [w for w, r in zip(live, results, strict=True) if r == "no answer"]
+        unknown += [w for w, r in zip(applied, back, strict=True) if r != "applied"]
+        for w in unknown:  # its config is unknown: drain it; it restarts from the config in force
+            self._replace(w, "its config could not be brought back")
         return False
 
-    async def _reload_worker(self, w: Worker, config: str) -> bool:
+    async def _bring_up_to_date(self) -> None:
+        """After a commit: workers that missed the reload (no answer, or started
+        from the previous config meanwhile) are replaced, gracefully: they
+        restart from the config now in force."""
+        for w in self._live():
+            if w.version < self.version:
+                self._replace(w, "it did not apply the reload")
+
+    def _replace(self, w: Worker, why: str) -> None:
+        if w.proc is not None and w.proc.returncode is None:
+            log.warning("restarting worker %d (pid %d): %s", w.index, w.proc.pid, why)
+            with contextlib.suppress(ProcessLookupError):
+                w.proc.send_signal(signal.SIGTERM)  # drains; _keep_running starts it again
+
+    async def _reload_worker(self, w: Worker, config: str) -> str:
+        """"applied", "refused" (the worker said why) or "no answer"."""
         try:
             status, body = await http_request(w.control, "POST", "/reload", config.encode(), timeout_s=30)
         except (OSError, TimeoutError, ValueError, IndexError) as e:
             log.error("worker %d did not answer the reload: %r", w.index, e)
-            return False
+            return "no answer"
         if status != 200:
             log.error("worker %d refused the reload: %s", w.index, body.decode(errors="replace").strip())
-        return status == 200
+            return "refused"
+        return "applied"
 
     def _live(self) -> list[Worker]:
         return [w for w in self.workers if not w.retiring and w.proc is not None and w.proc.returncode is None]
@@ -406,6 +434,9 @@ class Supervisor:
                 return False
             self._commit_candidate(candidate)
             self.cfg = new_cfg
+            self.version += 1
+            for w in new:
+                w.version = self.version
             ready_s = time.monotonic() - t0
             await self._stop_workers(old)
             self.last_swap_s = time.monotonic() - t0
