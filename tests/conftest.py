@@ -84,6 +84,7 @@ def make_config(
     server: dict | None = None,
     kafka: dict | None = None,
     spool: dict | None = None,
+    **sections,
 ) -> Config:
     """A config with each type's topic under a per-test prefix (no cross-talk)."""
     prefix = prefix or unique_prefix()
@@ -94,6 +95,7 @@ def make_config(
         opts.setdefault("topic", f"{prefix}.{name}")
         tcfg[name] = EventTypeConfig(**opts)
     return Config(
+        **sections,  # tls=TlsConfig(...), auth=..., limits=...
         server=ServerConfig(**{"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", **(server or {})}),
         kafka=KafkaConfig(**{"bootstrap_servers": bootstrap, "linger_ms": 1, **(kafka or {})}),
         spool=SpoolConfig(**(spool or {})),
@@ -116,6 +118,27 @@ def daemon_factory(kafka_bootstrap):
             await d.stop()
 
     return factory
+
+
+@pytest_asyncio.fixture
+async def proxied_broker(tmp_path):
+    """``(proxy, broker)``: a broker of this test's own that advertises a
+    fault-injecting proxy (tests/faultproxy.py), so ``proxy.cut()`` takes
+    Kafka away from a daemon bootstrapped at ``127.0.0.1:{proxy.port}``."""
+    if os.environ.get("EVENTBROKER_TEST_KAFKA"):
+        pytest.skip("the broker must advertise the proxy: needs its own broker")
+    from eventbroker.embedded import free_port
+    from faultproxy import FaultProxy
+
+    port = free_port()
+    proxy = await FaultProxy("127.0.0.1", port).start()
+    broker = EmbeddedKafka(port=port, log_path=str(tmp_path / "tansu.log"), advertised=f"127.0.0.1:{proxy.port}")
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, broker.start)
+        yield proxy, broker
+    finally:
+        await proxy.close()
+        broker.stop()
 
 
 def daemon_address(d: Daemon) -> str:

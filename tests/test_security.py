@@ -88,28 +88,6 @@ def tls_cfg(pki: Pki, client_auth: str = "none", expired: bool = False) -> TlsCo
                      client_auth=client_auth)
 
 
-@pytest.fixture
-def secure_daemon(kafka_bootstrap):
-    """``async with secure_daemon(types, tls=..., auth=..., limits=...) as d``."""
-    import contextlib
-
-    from conftest import make_config
-    from eventbroker.daemon import Daemon
-
-    @contextlib.asynccontextmanager
-    async def factory(types: dict, **sections):
-        cfg = make_config(kafka_bootstrap, types, server=sections.pop("server", None))
-        cfg = msgspec.structs.replace(cfg, **sections)
-        d = Daemon(cfg)
-        await d.start()
-        try:
-            yield d
-        finally:
-            await d.stop()
-
-    return factory
-
-
 async def good_producer(d, n: int = 300, **kw) -> list[bytes]:
     """A well-behaved producer: all its events must be persisted."""
     async with Producer(daemon_address(d), linger_ms=1, **kw) as p:
@@ -142,8 +120,8 @@ async def read_answer(reader: asyncio.StreamReader, timeout_s: float = 10) -> tu
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_tls_listener_with_a_verified_server_certificate(secure_daemon, pki, kafka_bootstrap):
-    async with secure_daemon({"play": {}}, tls=tls_cfg(pki)) as d:
+async def test_tls_listener_with_a_verified_server_certificate(daemon_factory, pki, kafka_bootstrap):
+    async with daemon_factory({"play": {}}, tls=tls_cfg(pki)) as d:
         ids = await good_producer(d, ca_file=pki.ca_file)
         assert len(ids) == 300
         # The producer refuses a server whose certificate its CA did not sign.
@@ -159,15 +137,15 @@ async def test_tls_listener_with_a_verified_server_certificate(secure_daemon, pk
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_expired_server_certificate_is_refused_by_the_sdk(secure_daemon, pki):
-    async with secure_daemon({"play": {}}, tls=tls_cfg(pki, expired=True)) as d:
+async def test_expired_server_certificate_is_refused_by_the_sdk(daemon_factory, pki):
+    async with daemon_factory({"play": {}}, tls=tls_cfg(pki, expired=True)) as d:
         async with Producer(daemon_address(d), ca_file=pki.ca_file, connect_timeout_s=2) as p:
             with pytest.raises(ConnectionError, match="certificate has expired"):
                 await p.wait_connected(3)
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_mutual_tls_names_the_producer(secure_daemon, pki):
+async def test_mutual_tls_names_the_producer(daemon_factory, pki):
     """client_auth = required: a certificate from the CA whose CN is a
     configured producer is that producer (its type list applies); no
     certificate, an expired one or one from another CA cannot connect."""
@@ -175,7 +153,7 @@ async def test_mutual_tls_names_the_producer(secure_daemon, pki):
     good_cert = pki.issue("client.pem", "checkout", server=False)
     expired = pki.issue("client-expired.pem", "checkout", server=False, expired=True)
     rogue = pki.issue("client-rogue.pem", "checkout", server=False, rogue=True)
-    async with secure_daemon({"play": {}, "search": {}}, tls=tls_cfg(pki, "required"), auth=auth) as d:
+    async with daemon_factory({"play": {}, "search": {}}, tls=tls_cfg(pki, "required"), auth=auth) as d:
         async with Producer(daemon_address(d), ca_file=pki.ca_file, cert_file=good_cert[0], key_file=good_cert[1],
                             linger_ms=1) as p:
             assert await (await p.send("play", b"mtls"))
@@ -201,9 +179,9 @@ def _auth(types: list[str], required: bool = True, **kw) -> tuple[AuthConfig, st
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_tokens_wrong_and_missing_get_the_same_answer(secure_daemon, caplog):
+async def test_tokens_wrong_and_missing_get_the_same_answer(daemon_factory, caplog):
     auth, token = _auth(["play"])
-    async with secure_daemon({"play": {}}, auth=auth) as d:
+    async with daemon_factory({"play": {}}, auth=auth) as d:
         port = d.server.port
         good = await raw_hello(port, token.encode())
         answers = {
@@ -223,12 +201,12 @@ async def test_tokens_wrong_and_missing_get_the_same_answer(secure_daemon, caplo
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_a_type_the_producer_does_not_own_is_forbidden_and_never_reaches_kafka(secure_daemon, kafka_bootstrap):
+async def test_a_type_the_producer_does_not_own_is_forbidden_and_never_reaches_kafka(daemon_factory, kafka_bootstrap):
     """The same batch holds an owned and a foreign type: the owned part is
     persisted, the foreign part rejected `forbidden`; a reload that grants
     the type applies to the open connection."""
     auth, token = _auth(["pl*"])
-    async with secure_daemon({"play": {}, "search": {}}, auth=auth) as d:
+    async with daemon_factory({"play": {}, "search": {}}, auth=auth) as d:
         async with Producer(daemon_address(d), token=token, linger_ms=50) as p:
             play = [await p.send("play", b"mine-%d" % i) for i in range(50)]
             search = [await p.send("search", b"not mine-%d" % i) for i in range(50)]  # same batches
@@ -253,9 +231,9 @@ async def test_a_type_the_producer_does_not_own_is_forbidden_and_never_reaches_k
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_repeated_failures_from_one_address_are_rate_limited(secure_daemon):
+async def test_repeated_failures_from_one_address_are_rate_limited(daemon_factory):
     auth, token = _auth(["play"], max_failures_per_minute=3)
-    async with secure_daemon({"play": {}}, auth=auth) as d:
+    async with daemon_factory({"play": {}}, auth=auth) as d:
         port = d.server.port
         # A producer already connected from that address keeps working.
         async with Producer(daemon_address(d), token=token, linger_ms=1) as p:
@@ -274,10 +252,10 @@ async def test_repeated_failures_from_one_address_are_rate_limited(secure_daemon
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_slowloris_handshakes_are_cut_off(secure_daemon):
+async def test_slowloris_handshakes_are_cut_off(daemon_factory):
     """A connection that sends nothing, and one that sends HELLO a byte at a
     time, are closed at the handshake timeout; producers are unaffected."""
-    async with secure_daemon({"play": {}}, limits=LimitsConfig(handshake_timeout_ms=400)) as d:
+    async with daemon_factory({"play": {}}, limits=LimitsConfig(handshake_timeout_ms=400)) as d:
         port = d.server.port
         r1, w1 = await asyncio.open_connection("127.0.0.1", port)
         r2, w2 = await asyncio.open_connection("127.0.0.1", port)
@@ -302,9 +280,9 @@ async def test_slowloris_handshakes_are_cut_off(secure_daemon):
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_connection_flood_over_the_per_address_limit(secure_daemon):
+async def test_connection_flood_over_the_per_address_limit(daemon_factory):
     limits = LimitsConfig(max_connections_per_address=20)
-    async with secure_daemon({"play": {}}, limits=limits) as d:
+    async with daemon_factory({"play": {}}, limits=limits) as d:
         port = d.server.port
         flood = []
         for _ in range(25):
@@ -330,9 +308,9 @@ async def test_connection_flood_over_the_per_address_limit(secure_daemon):
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_idle_connections_are_closed_but_heartbeating_producers_stay(secure_daemon):
+async def test_idle_connections_are_closed_but_heartbeating_producers_stay(daemon_factory):
     limits = LimitsConfig(idle_timeout_ms=1000)
-    async with secure_daemon({"play": {}}, limits=limits, server={"heartbeat_interval_ms": 200}) as d:
+    async with daemon_factory({"play": {}}, limits=limits, server={"heartbeat_interval_ms": 200}) as d:
         port = d.server.port
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(Hello("idle").encode())
@@ -385,7 +363,7 @@ def test_token_create_prints_a_token_and_a_hash_only(tmp_path):
     assert token.split(".")[2] not in conf.read_text()
 
 
-def test_unused_fastpath_reason_constant_matches_protocol():
+def test_forbidden_is_reason_5_on_the_wire():
     from eventbroker.protocol import Reason
 
     assert Reason.FORBIDDEN == fp.REASON_FORBIDDEN == 5
@@ -413,11 +391,11 @@ def test_a_certificate_only_producer_cannot_be_claimed_with_an_empty_or_odd_secr
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_a_reload_closes_connections_that_no_longer_pass(secure_daemon):
+async def test_a_reload_closes_connections_that_no_longer_pass(daemon_factory):
     """Removing a token's hash, or requiring authentication, closes the open
     connections that relied on it; the others keep working."""
     auth, token = _auth(["play"], required=False)
-    async with secure_daemon({"play": {}}, auth=auth) as d:
+    async with daemon_factory({"play": {}}, auth=auth) as d:
         async with Producer(daemon_address(d), token=token, linger_ms=1, reconnect_backoff_ms=(5000, 5000)) as tp, \
                 Producer(daemon_address(d), linger_ms=1, reconnect_backoff_ms=(5000, 5000)) as anon:
             assert await (await tp.send("play", b"t")) and await (await anon.send("play", b"a"))
@@ -433,11 +411,11 @@ async def test_a_reload_closes_connections_that_no_longer_pass(secure_daemon):
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_failures_on_connections_opened_in_parallel_are_limited_too(secure_daemon):
+async def test_failures_on_connections_opened_in_parallel_are_limited_too(daemon_factory):
     """Opening many connections first and failing on all of them afterwards
     does not get around max_failures_per_minute."""
     auth, token = _auth(["play"], max_failures_per_minute=3)
-    async with secure_daemon({"play": {}}, auth=auth) as d:
+    async with daemon_factory({"play": {}}, auth=auth) as d:
         port = d.server.port
         conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
         answers = []
@@ -452,7 +430,7 @@ async def test_failures_on_connections_opened_in_parallel_are_limited_too(secure
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_a_token_does_not_pass_with_a_foreign_certificate(secure_daemon, pki):
+async def test_a_token_does_not_pass_with_a_foreign_certificate(daemon_factory, pki):
     """With client certificates: a token over a certificate that names no
     producer is refused, and require_cert makes the certificate mandatory."""
     token, digest = create_token("checkout")
@@ -460,7 +438,7 @@ async def test_a_token_does_not_pass_with_a_foreign_certificate(secure_daemon, p
         token_hashes=[digest], cert_subject="checkout", require_cert=True, types=["play"])})
     own = pki.issue("own.pem", "checkout", server=False)
     foreign = pki.issue("foreign.pem", "someone-else", server=False)
-    async with secure_daemon({"play": {}}, tls=tls_cfg(pki, "optional"), auth=auth) as d:
+    async with daemon_factory({"play": {}}, tls=tls_cfg(pki, "optional"), auth=auth) as d:
         for cert in (None, foreign):
             async with Producer(daemon_address(d), ca_file=pki.ca_file, token=token,
                                 cert_file=cert[0] if cert else None, key_file=cert[1] if cert else None,
@@ -471,10 +449,10 @@ async def test_a_token_does_not_pass_with_a_foreign_certificate(secure_daemon, p
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_trickled_bytes_do_not_keep_a_connection_alive(secure_daemon):
+async def test_trickled_bytes_do_not_keep_a_connection_alive(daemon_factory):
     """The idle timeout counts whole frames: a byte a second of a frame that
     never completes does not hold the connection (or its buffer) open."""
-    async with secure_daemon({"play": {}}, limits=LimitsConfig(idle_timeout_ms=1000)) as d:
+    async with daemon_factory({"play": {}}, limits=LimitsConfig(idle_timeout_ms=1000)) as d:
         reader, writer = await asyncio.open_connection("127.0.0.1", d.server.port)
         writer.write(Hello("trickle").encode())
         assert await read_answer(reader) == "welcome"
@@ -496,10 +474,10 @@ def test_two_producers_cannot_share_a_certificate_subject():
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_a_producer_that_never_reads_its_acks_is_dropped_after_the_idle_timeout(secure_daemon):
+async def test_a_producer_that_never_reads_its_acks_is_dropped_after_the_idle_timeout(daemon_factory):
     """It fills its socket with unread acks; the server stops reading it and,
     once that has lasted idle_timeout_ms, closes it (freeing its slot)."""
-    async with secure_daemon({"play": {}}, limits=LimitsConfig(idle_timeout_ms=1000)) as d:
+    async with daemon_factory({"play": {}}, limits=LimitsConfig(idle_timeout_ms=1000)) as d:
         reader, writer = await asyncio.open_connection("127.0.0.1", d.server.port)
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

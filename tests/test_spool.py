@@ -342,20 +342,11 @@ async def _until(cond, timeout_s: float, what: str) -> None:
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_spooled_type_is_acked_while_kafka_is_cut_off_and_delivered_after(tmp_path):
+async def test_spooled_type_is_acked_while_kafka_is_cut_off_and_delivered_after(tmp_path, proxied_broker):
     """Kafka unreachable (the daemon's connections cut by a proxy): the spooled
     type keeps being acknowledged, the Kafka-acked type is handed back; once
     the network heals, the spool goes out in full, in order per key."""
-    from faultproxy import FaultProxy
-
-    if os.environ.get("EVENTBROKER_TEST_KAFKA"):
-        pytest.skip("the broker must advertise the proxy: needs its own broker")
-    from eventbroker.embedded import EmbeddedKafka
-
-    bport = free_port()
-    proxy = await FaultProxy("127.0.0.1", bport).start()
-    broker = EmbeddedKafka(port=bport, log_path=str(tmp_path / "tansu.log"), advertised=f"127.0.0.1:{proxy.port}")
-    await asyncio.get_running_loop().run_in_executor(None, broker.start)
+    proxy, broker = proxied_broker
     cfg = make_config(f"127.0.0.1:{proxy.port}", _spool_types(), spool={"dir": str(tmp_path / "spool")},
                       kafka={"stall_timeout_ms": 800, "retry_backoff_ms": 50, "retry_backoff_max_ms": 500,
                              "request_timeout_ms": 3000})
@@ -385,8 +376,6 @@ async def test_spooled_type_is_acked_while_kafka_is_cut_off_and_delivered_after(
             None, read_topic, broker.bootstrap, cfg.types["audit"].topic, len(ids), 60.0)
     finally:
         await d.stop()
-        await proxy.close()
-        broker.stop()
     found = [record_headers(m)["eb.id"] for m in got]
     print(f"\nspooled 20000 with Kafka cut off in {acked_s:.2f}s; written {stats[0]}, forwarded {stats[1]} "
           f"after healing ({stats[2]} failed sends retried), found {len(set(found))}, "
@@ -540,20 +529,11 @@ def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_spool_check_and_replay_commands(tmp_path):
+async def test_spool_check_and_replay_commands(tmp_path, proxied_broker):
     """A daemon stops while Kafka is unreachable and its spool holds events;
     ``spool check`` reports them (and a torn tail, which ``--repair`` cuts),
     and ``spool replay`` delivers them without the daemon."""
-    from faultproxy import FaultProxy
-
-    if os.environ.get("EVENTBROKER_TEST_KAFKA"):
-        pytest.skip("the broker must advertise the proxy: needs its own broker")
-    from eventbroker.embedded import EmbeddedKafka
-
-    bport = free_port()
-    proxy = await FaultProxy("127.0.0.1", bport).start()
-    broker = EmbeddedKafka(port=bport, log_path=str(tmp_path / "tansu.log"), advertised=f"127.0.0.1:{proxy.port}")
-    await asyncio.get_running_loop().run_in_executor(None, broker.start)
+    proxy, broker = proxied_broker
     spool_dir = tmp_path / "spool"
     cfg = make_config(f"127.0.0.1:{proxy.port}", {"audit": {"ack": "spool"}}, spool={"dir": str(spool_dir)},
                       server={"drain_timeout_ms": 300}, kafka={"request_timeout_ms": 2000})
@@ -568,28 +548,24 @@ async def test_spool_check_and_replay_commands(tmp_path):
     finally:
         await d.stop()
     proxy.heal()
-    try:
-        conf = _write_conf(tmp_path, cfg)
-        r = await asyncio.to_thread(_cli, "spool", "check", "--config", str(conf))
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert "audit: " in r.stdout and "3000 undelivered events" in r.stdout
-        seg = max((spool_dir / "audit").glob("*.seg"))
-        with open(seg, "ab") as f:  # noqa: ASYNC230 - a few bytes
-            f.write(b"\x00\x00\x00\x40torn")
-        r = await asyncio.to_thread(_cli, "spool", "check", "--dir", str(spool_dir))
-        assert r.returncode == 1 and "problem:" in r.stdout and "short record body" in r.stdout
-        r = await asyncio.to_thread(_cli, "spool", "check", "--dir", str(spool_dir), "--repair")
-        assert r.returncode == 0 and "repaired:" in r.stdout, r.stdout
-        r = await asyncio.to_thread(_cli, "spool", "replay", "--config", str(conf), "--kafka", broker.bootstrap)
-        assert r.returncode == 0, r.stdout + r.stderr
-        assert "delivered 3000 events, 0 bytes left" in r.stdout
-        r = await asyncio.to_thread(_cli, "spool", "check", "--config", str(conf))
-        assert "0 undelivered events" in r.stdout
-        found = await asyncio.to_thread(read_ids, broker.bootstrap, cfg.types["audit"].topic, ids)
-        assert found == ids
-    finally:
-        await proxy.close()
-        broker.stop()
+    conf = _write_conf(tmp_path, cfg)
+    r = await asyncio.to_thread(_cli, "spool", "check", "--config", str(conf))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "audit: " in r.stdout and "3000 undelivered events" in r.stdout
+    seg = max((spool_dir / "audit").glob("*.seg"))
+    with open(seg, "ab") as f:  # noqa: ASYNC230 - a few bytes
+        f.write(b"\x00\x00\x00\x40torn")
+    r = await asyncio.to_thread(_cli, "spool", "check", "--dir", str(spool_dir))
+    assert r.returncode == 1 and "problem:" in r.stdout and "short record body" in r.stdout
+    r = await asyncio.to_thread(_cli, "spool", "check", "--dir", str(spool_dir), "--repair")
+    assert r.returncode == 0 and "repaired:" in r.stdout, r.stdout
+    r = await asyncio.to_thread(_cli, "spool", "replay", "--config", str(conf), "--kafka", broker.bootstrap)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "delivered 3000 events, 0 bytes left" in r.stdout
+    r = await asyncio.to_thread(_cli, "spool", "check", "--config", str(conf))
+    assert "0 undelivered events" in r.stdout
+    found = await asyncio.to_thread(read_ids, broker.bootstrap, cfg.types["audit"].topic, ids)
+    assert found == ids
 
 
 def test_daemon_refuses_a_spool_directory_in_use(tmp_path, kafka_bootstrap):
@@ -731,20 +707,12 @@ def test_a_hung_spool_write_hands_events_back_as_spool_unavailable(tmp_path):
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_a_spooled_type_removed_and_added_back_keeps_its_spool(tmp_path):
+async def test_a_spooled_type_removed_and_added_back_keeps_its_spool(tmp_path, proxied_broker):
     """Kafka cut off; the spooled type is removed by a reload while its spool
     holds acknowledged events (it keeps them), then added back by another
     reload before they were delivered: the same lane returns, takes events
     again, and everything reaches Kafka once the network heals."""
-    from eventbroker.embedded import EmbeddedKafka
-    from faultproxy import FaultProxy
-
-    if os.environ.get("EVENTBROKER_TEST_KAFKA"):
-        pytest.skip("the broker must advertise the proxy: needs its own broker")
-    bport = free_port()
-    proxy = await FaultProxy("127.0.0.1", bport).start()
-    broker = EmbeddedKafka(port=bport, log_path=str(tmp_path / "tansu.log"), advertised=f"127.0.0.1:{proxy.port}")
-    await asyncio.get_running_loop().run_in_executor(None, broker.start)
+    proxy, broker = proxied_broker
     prefix = "a" + os.urandom(4).hex()
     with_audit = make_config(f"127.0.0.1:{proxy.port}", {"play": {}, "audit": {"ack": "spool"}}, prefix=prefix,
                              spool={"dir": str(tmp_path / "spool")}, kafka={"request_timeout_ms": 2000})
@@ -775,6 +743,4 @@ async def test_a_spooled_type_removed_and_added_back_keeps_its_spool(tmp_path):
         found = await asyncio.to_thread(read_ids, broker.bootstrap, with_audit.types["audit"].topic, ids, 60)
     finally:
         await d.stop()
-        await proxy.close()
-        broker.stop()
     assert found == ids and len(ids) == 2000

@@ -388,45 +388,33 @@ async def test_a_hung_worker_is_killed_and_replaced(tmp_path, kafka_bootstrap):
 
 
 @pytest.mark.asyncio(loop_factories=["uvloop"])
-async def test_spool_left_by_a_replaced_generation_is_delivered(tmp_path):
+async def test_spool_left_by_a_replaced_generation_is_delivered(tmp_path, proxied_broker):
     """Kafka unreachable while a spooled type is acknowledged; SIGUSR2 replaces
     the worker (its drain deadline passes with the backlog still on disk, in
     its slot); once Kafka is back the new worker delivers the old slot too."""
-    from eventbroker.embedded import EmbeddedKafka
-    from faultproxy import FaultProxy
-
-    if os.environ.get("EVENTBROKER_TEST_KAFKA"):
-        pytest.skip("the broker must advertise the proxy: needs its own broker")
-    bport = free_port()
-    proxy = await FaultProxy("127.0.0.1", bport).start()
-    broker = EmbeddedKafka(port=bport, log_path=str(tmp_path / "tansu.log"), advertised=f"127.0.0.1:{proxy.port}")
-    await asyncio.get_running_loop().run_in_executor(None, broker.start)
+    proxy, broker = proxied_broker
     cfg = make_config(f"127.0.0.1:{proxy.port}", {"audit": {"ack": "spool"}},
                       spool={"dir": str(tmp_path / "spool")}, server={"drain_timeout_ms": 500},
                       kafka={"request_timeout_ms": 2000, "retry_backoff_max_ms": 500})
     admin_port, port = free_port(), free_port()
     conf = write_conf(tmp_path, cfg, admin_port)
-    try:
-        async with asupervised(tmp_path, conf, port, workers=1) as sup:
-            async with Producer(f"127.0.0.1:{port}", linger_ms=2, reconnect_backoff_ms=(20, 300)) as p:
-                proxy.cut()
-                futs = [await p.send("audit", b"kept-%d" % i) for i in range(5000)]
-                await p.flush(timeout_s=30)
-                ids = {f.result() for f in futs}  # acknowledged from the spool while Kafka is away
-                old = set(worker_pids(sup.pid))
-                sup.send_signal(signal.SIGUSR2)
-                deadline = time.monotonic() + 60
-                while set(worker_pids(sup.pid)) & old and time.monotonic() < deadline:
-                    await asyncio.sleep(0.1)
-                assert not set(worker_pids(sup.pid)) & old
-                from eventbroker.spool import check_directory
+    async with asupervised(tmp_path, conf, port, workers=1) as sup:
+        async with Producer(f"127.0.0.1:{port}", linger_ms=2, reconnect_backoff_ms=(20, 300)) as p:
+            proxy.cut()
+            futs = [await p.send("audit", b"kept-%d" % i) for i in range(5000)]
+            await p.flush(timeout_s=30)
+            ids = {f.result() for f in futs}  # acknowledged from the spool while Kafka is away
+            old = set(worker_pids(sup.pid))
+            sup.send_signal(signal.SIGUSR2)
+            deadline = time.monotonic() + 60
+            while set(worker_pids(sup.pid)) & old and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert not set(worker_pids(sup.pid)) & old
+            from eventbroker.spool import check_directory
 
-                left = check_directory(tmp_path / "spool" / "slot-0" / "audit")["pending_events"]
-                proxy.heal()
-                found = await asyncio.to_thread(read_ids, broker.bootstrap, cfg.types["audit"].topic, ids, 60)
-    finally:
-        await proxy.close()
-        broker.stop()
+            left = check_directory(tmp_path / "spool" / "slot-0" / "audit")["pending_events"]
+            proxy.heal()
+            found = await asyncio.to_thread(read_ids, broker.bootstrap, cfg.types["audit"].topic, ids, 60)
     log = (tmp_path / "serve.log").read_text()
     print(f"\n5000 acknowledged with Kafka cut off; {left} left in the replaced worker's slot; "
           f"{len(found)} in Kafka after healing")
@@ -441,7 +429,6 @@ async def test_a_reload_one_worker_refuses_is_rolled_back(tmp_path, kafka_bootst
     type is held by another process): no worker keeps it, and a worker
     restarted afterwards starts with the config in force."""
     from eventbroker import spool as sp
-    from eventbroker.spool_adopt import lock_slot
 
     spool_dir = tmp_path / "spool"
     cfg = make_config(kafka_bootstrap, {"play": {}}, spool={"dir": str(spool_dir)})
@@ -468,7 +455,6 @@ async def test_a_reload_one_worker_refuses_is_rolled_back(tmp_path, kafka_bootst
             assert total(m, "eventbroker_config_reloads_total") == 0
         finally:
             blocker.close()
-        del lock_slot
     log = (tmp_path / "serve.log").read_text()
     assert "refused by 1 of 2 workers; the running config stays in force" in log
 

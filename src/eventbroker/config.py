@@ -342,6 +342,16 @@ def _explain(exc: msgspec.ValidationError, prefix: str = "") -> str:
     return f"key '{key}': {what}" if key else what
 
 
+def _named_entry_error(entries: dict, struct: type, prefix: str) -> str:
+    """msgspec does not say which entry of a ``[prefix.<name>]`` table failed; find it."""
+    for name, entry in entries.items():
+        try:
+            msgspec.convert(entry, type=struct)
+        except msgspec.ValidationError as e:
+            return _explain(e, prefix=f"{prefix}.{name}")
+    return ""
+
+
 def load_config(path: str | Path | None) -> Config:
     """Load and validate a TOML file; None gives the built-in defaults."""
     if path is None:
@@ -361,21 +371,10 @@ def load_config(path: str | Path | None) -> Config:
         detail = _explain(e)
         types = data.get("types")
         if isinstance(types, dict) and "types.<name>" in detail:
-            # msgspec does not say which type; find it.
-            for name, entry in types.items():
-                try:
-                    msgspec.convert(entry, type=EventTypeConfig)
-                except msgspec.ValidationError as e2:
-                    detail = _explain(e2, prefix=f"types.{name}")
-                    break
+            detail = _named_entry_error(types, EventTypeConfig, "types") or detail
         elif "auth.producers.<name>" in detail:
             producers = (data.get("auth") or {}).get("producers") or {}
-            for name, entry in producers.items():
-                try:
-                    msgspec.convert(entry, type=AuthProducer)
-                except msgspec.ValidationError as e2:
-                    detail = _explain(e2, prefix=f"auth.producers.{name}")
-                    break
+            detail = _named_entry_error(producers, AuthProducer, "auth.producers") or detail
         elif isinstance(types, dict) and detail.startswith("a name under 'types'"):
             bad = [n for n in types if not re.match(TYPE_NAME_PATTERN, str(n))]
             detail = f"type name {bad[0]!r} under [types] is not allowed: use 1-64 of a-z 0-9 _ . - " \

@@ -79,7 +79,6 @@ class Daemon:
         self.control: AdminServer | None = None
         self.bootstrap = cfg.kafka.bootstrap_servers
         self._stopped = False
-        self.reloads = 0
         self._slot_fd = -1
         self._slot_index = -1
         self._skip_slots: set[int] = set()
@@ -267,7 +266,6 @@ class Daemon:
         self.server.reconfigured()
         self.cfg = new
         self.types = resolve_types(new)
-        self.reloads += 1
         msg = f"config reloaded from {path}: " + ("; ".join(changes) if changes else "no changes")
         log.info("%s", msg)
         return True, msg

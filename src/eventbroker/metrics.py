@@ -17,20 +17,13 @@ from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from eventbroker.protocol import ErrorCode, reason_name
+from eventbroker.protocol import error_name, reason_name
 
 if TYPE_CHECKING:
     from eventbroker.daemon import Daemon
 
 # Produce requests take a few ms on a healthy cluster, seconds in trouble.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
-
-def _code_name(code: int) -> str:
-    try:
-        return ErrorCode(code).name.lower()
-    except ValueError:
-        return str(code)
 
 
 class DaemonMetrics:
@@ -167,7 +160,7 @@ class _DaemonCollector(Collector):
             by_code = CounterMetricFamily("eventbroker_error_frames", "Connections closed with an ERROR frame, by code",
                                           labels=["code"])
             for code, n in sorted(st.errors_by_code.items()):
-                by_code.add_metric([_code_name(code)], n)
+                by_code.add_metric([error_name(code)], n)
             yield by_code
             draining = GaugeMetricFamily("eventbroker_draining", "1 while the daemon drains (GOAWAY sent)")
             draining.add_metric([], 1 if server.draining else 0)

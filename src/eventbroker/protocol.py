@@ -79,6 +79,13 @@ class GoawayReason(IntEnum):
     REBALANCE = 2
 
 
+def error_name(code: int) -> str:
+    try:
+        return ErrorCode(code).name.lower()
+    except ValueError:
+        return str(code)
+
+
 def reason_name(code: int) -> str:
     try:
         return Reason(code).name.lower()

@@ -422,9 +422,12 @@ class Lane:
         now = time.monotonic()
         oldest = self._units[0].created if self._units else 0.0
         if oldest and now - oldest > stall_s:
-            self.shed(f"no delivery to {self.etype.topic} for {now - oldest:.1f}s")
+            self.shed(self._stalled(now - oldest))
         elif self._metadata_failing_since and now - self._metadata_failing_since > stall_s:
             self.shed(f"no metadata for {self.etype.topic} for {now - self._metadata_failing_since:.1f}s")
+
+    def _stalled(self, seconds: float) -> str:
+        return f"no delivery to {self.etype.topic} for {seconds:.1f}s"
 
     def shed(self, why: str, reason: int | None = None) -> None:
         """Answer everything this type holds retry-later, drop it, stop accepting."""

@@ -39,6 +39,7 @@ from eventbroker.protocol import (
     encode_ack_body,
     encode_frame,
     encode_heartbeat,
+    error_name,
 )
 from eventbroker.router import Router
 from eventbroker.security import Security, is_loopback
@@ -322,7 +323,7 @@ class IngestProtocol(asyncio.Protocol):
         stats = self._server.stats
         stats.protocol_errors += 1
         stats.errors_by_code[code] = stats.errors_by_code.get(code, 0) + 1
-        log.info("closing connection from %s (%s): %s: %s", self.peer, self.client_id or "-", _code_name(code), message)
+        log.info("closing connection from %s (%s): %s: %s", self.peer, self.client_id or "-", error_name(code), message)
         self._write(ErrorFrame(code, message).encode())
         self._state = _CLOSED
         self.closed = True
@@ -348,13 +349,6 @@ class IngestProtocol(asyncio.Protocol):
     def abort(self) -> None:
         if self._transport is not None:
             self._transport.abort()
-
-
-def _code_name(code: int) -> str:
-    try:
-        return ErrorCode(code).name.lower()
-    except ValueError:
-        return str(code)
 
 
 class IngestServer:

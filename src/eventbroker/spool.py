@@ -179,6 +179,18 @@ def _damaged_record_end(data: bytes | memoryview, pos: int, why: str) -> int | N
     return end if not isinstance(parse_record(data, end), str) else None
 
 
+def cut_segment(path: Path, number: int, valid_end: int) -> int:
+    """Truncate a segment after its last good byte (rewriting its header if
+    even that is bad); returns its new size."""
+    if valid_end < SEGMENT_HEADER_BYTES:
+        with open(path, "r+b") as f:
+            f.truncate(0)
+            f.write(SEGMENT_HEADER.pack(MAGIC, number))
+        return SEGMENT_HEADER_BYTES
+    os.truncate(path, valid_end)
+    return valid_end
+
+
 def list_segments(directory: Path) -> list[int]:
     out = []
     for p in directory.iterdir():
@@ -223,7 +235,6 @@ class SpoolStats:
     torn_bytes_truncated: int = 0
     corrupt_records: int = 0
     corrupt_bytes_skipped: int = 0
-    replay_events_at_open: int = 0
     last_error: str = ""
 
 
@@ -291,7 +302,6 @@ class SpoolLog:
             log.warning("type %s: checkpoint %s names a missing segment; delivering from segment %d",
                         self.name, cp, segments[0])
             cp = Position(segments[0], SEGMENT_HEADER_BYTES)
-        pending_events = 0
         for n in segments:
             path = d / segment_name(n)
             scan = scan_segment(path, n)
@@ -308,26 +318,17 @@ class SpoolLog:
                 self.stats.torn_bytes_truncated += lost
                 log.warning("type %s: spool segment %s has a torn tail (%s); truncated %d bytes",
                             self.name, path, scan.problem, lost)
-                if scan.valid_end < SEGMENT_HEADER_BYTES:  # no usable header: rewrite one
-                    with open(path, "r+b") as f:
-                        f.truncate(0)
-                        f.write(SEGMENT_HEADER.pack(MAGIC, n))
-                    scan.valid_end = SEGMENT_HEADER_BYTES
-                else:
-                    os.truncate(path, scan.valid_end)
-                self._sizes[n] = scan.valid_end
+                self._sizes[n] = cut_segment(path, n, scan.valid_end)
             else:
                 if scan.problem:  # an older segment: left as it is; the reader skips what is bad
                     log.error("type %s: spool segment %s is damaged (%s); the %d bytes after it will be skipped",
                               self.name, path, scan.problem, scan.size - scan.valid_end)
                 self._sizes[n] = scan.size
-            pending_events += scan.events
         if cp.segment in self._sizes and cp.offset > self._sizes[cp.segment]:
             log.error("type %s: checkpoint %s is past the end of its segment; delivering from its start",
                       self.name, cp)
             cp = Position(cp.segment, SEGMENT_HEADER_BYTES)
         self.checkpoint = cp
-        self.stats.replay_events_at_open = pending_events  # an upper bound: counts the checkpoint's segment
         if segments:
             self._active = segments[-1]
             self._fd = os.open(d / segment_name(self._active), os.O_WRONLY | os.O_APPEND)
@@ -586,13 +587,7 @@ def check_directory(type_dir: Path, repair: bool = False) -> dict:
         if scan.problem:
             report["problems"].append(f"{path}: {scan.problem} ({scan.size - scan.valid_end} bytes after it)")
             if repair:
-                if scan.valid_end < SEGMENT_HEADER_BYTES:
-                    with open(path, "r+b") as f:
-                        f.truncate(0)
-                        f.write(SEGMENT_HEADER.pack(MAGIC, n))
-                else:
-                    os.truncate(path, scan.valid_end)
-                report["repaired"].append(f"{path}: truncated to {max(scan.valid_end, SEGMENT_HEADER_BYTES)} bytes")
+                report["repaired"].append(f"{path}: truncated to {cut_segment(path, n, scan.valid_end)} bytes")
     return report
 
 

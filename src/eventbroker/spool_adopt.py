@@ -90,7 +90,6 @@ class SpoolAdopter:
         self.requests = requests
         self.segment_bytes = segment_bytes
         self.fsync = fsync
-        self.adopted_events = 0
         self._warned: set[Path] = set()
 
     async def run(self, every_s: float = 5.0) -> None:
@@ -164,7 +163,6 @@ class SpoolAdopter:
                         break
             finally:
                 await f.stop(0.0)
-            self.adopted_events += f.stats.events_forwarded
             log.info("type %s: unowned spool %s delivered (%d events)", et.name, type_dir, f.stats.events_forwarded)
         finally:
             with contextlib.suppress(OSError):
