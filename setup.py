@@ -5,6 +5,7 @@ fails here, loudly, instead of producing a slow daemon.
 """
 
 import os
+from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
@@ -17,8 +18,8 @@ extensions = [
     Extension(
         "eventbroker._fastpath",
         ["src/eventbroker/_fastpath.pyx"],
-        include_dirs=["src/eventbroker"],
-        depends=["src/eventbroker/_native.h"],
+        include_dirs=["src/eventbroker/_native"],
+        depends=sorted(str(p) for p in Path("src/eventbroker/_native").iterdir()),
         extra_compile_args=extra_compile_args,
     )
 ]

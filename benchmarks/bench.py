@@ -134,7 +134,7 @@ class Bench:
     def start_broker(self) -> None:
         if self.bootstrap:
             return
-        from eventbroker.embedded import EmbeddedKafka
+        from eventbroker.kafka.embedded import EmbeddedKafka
 
         self.broker = EmbeddedKafka(log_path=str(self.tmp / "tansu.log")).start()
         self.bootstrap = self.broker.bootstrap
@@ -160,7 +160,7 @@ class Bench:
         if self.args.server:  # a running daemon: its config decides sink and topics
             yield self.args.server, Proc(self.args.server_pid) if self.args.server_pid else _NoProc()
             return
-        from eventbroker.embedded import free_port, wait_for_port
+        from eventbroker.kafka.embedded import free_port, wait_for_port
 
         port = free_port()
         conf = self.tmp / f"daemon-{port}.toml"

@@ -33,7 +33,7 @@ def _frame(n: int, size: int, types=(b"play", b"search", b"client_log"), key: by
 
 
 def _router(ring_bytes: int = 1 << 30):
-    router = fp.Router(max_events_per_batch=1_000_000, max_event_bytes=1 << 20)
+    router = fp.BatchSplitter(max_events_per_batch=1_000_000, max_event_bytes=1 << 20)
     rings = []
     for name in ("play", "search", "client_log"):
         ring = fp.TypeRing(name, capacity_bytes=ring_bytes, max_event_bytes=1 << 20, by_key=False)

@@ -22,7 +22,7 @@ than ``--rss-slack-mb`` by the end.
     python fuzz/fuzz_targets.py spool --inputs 1000000
     python fuzz/fuzz_targets.py spool --engine atheris --inputs 1000000
 
-tests/test_fuzz.py runs a short version in CI; EVENTBROKER_FUZZ_LONG=1 runs
+tests/unit/test_fuzz.py runs a short version in CI; EVENTBROKER_FUZZ_LONG=1 runs
 a million inputs per target.
 """
 
@@ -37,8 +37,8 @@ import time
 
 from eventbroker import _fastpath as fp
 from eventbroker import protocol
-from eventbroker import spool as sp
 from eventbroker.errors import ProtocolError
+from eventbroker.spool import log as sp
 
 MAX_FRAME = 64 * 1024
 
@@ -57,7 +57,7 @@ class ProtocolTarget:
 
     def __init__(self) -> None:
         self.rings = [fp.TypeRing(n, capacity_bytes=1 << 20, max_event_bytes=4096) for n in ("play", "search")]
-        self.router = fp.Router(max_events_per_batch=512, max_event_bytes=4096)
+        self.router = fp.BatchSplitter(max_events_per_batch=512, max_event_bytes=4096)
         for r in self.rings:
             self.router.add(r)
         self.frames = 0
@@ -152,7 +152,7 @@ class SpoolTarget:
 
 def spool_seeds() -> list[bytes]:
     ring = fp.TypeRing("audit", capacity_bytes=1 << 30, max_event_bytes=1 << 20)
-    router = fp.Router(max_events_per_batch=1000, max_event_bytes=1 << 20)
+    router = fp.BatchSplitter(max_events_per_batch=1000, max_event_bytes=1 << 20)
     router.add(ring)
     rng = random.Random(3)
     seeds = []

@@ -22,10 +22,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import uvloop
+from prometheus_client.parser import text_string_to_metric_families
 
 from eventbroker.config import Config, EventTypeConfig, KafkaConfig, ServerConfig, SpoolConfig
-from eventbroker.daemon import Daemon
-from eventbroker.embedded import EmbeddedKafka, wait_for_port
+from eventbroker.kafka.embedded import EmbeddedKafka, wait_for_port
+from eventbroker.ops.admin_http import http_request
+from eventbroker.ops.daemon import Daemon
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -127,7 +129,7 @@ async def proxied_broker(tmp_path):
     Kafka away from a daemon bootstrapped at ``127.0.0.1:{proxy.port}``."""
     if os.environ.get("EVENTBROKER_TEST_KAFKA"):
         pytest.skip("the broker must advertise the proxy: needs its own broker")
-    from eventbroker.embedded import free_port
+    from eventbroker.kafka.embedded import free_port
     from faultproxy import FaultProxy
 
     port = free_port()
@@ -225,3 +227,39 @@ def serve_daemon(conf, port: int, log) -> subprocess.Popen:
 def record_headers(m) -> dict[str, bytes]:
     return dict(m.headers() or ())
 
+
+async def metrics(admin: str) -> dict[tuple[str, tuple], float]:
+    status, body = await http_request(admin, "GET", "/metrics")
+    assert status == 200
+    out = {}
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def total(m: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, lab), v in m.items() if n == name and all((k, val) in lab for k, val in labels.items()))
+
+
+MiB = 1024 * 1024
+
+
+def open_spool(d: Path, **kw):
+    """A spool log opened on ``d`` (1 MiB segments unless told)."""
+    from eventbroker.spool.log import SpoolLog
+
+    kw.setdefault("segment_bytes", MiB)
+    kw.setdefault("fsync", "interval")
+    log = SpoolLog(d, **kw)
+    log.open()
+    return log
+
+
+def write_config(tmp_path: Path, cfg, name: str = "eventbroker.toml") -> Path:
+    """``cfg`` as a TOML file for a daemon of its own process."""
+    import msgspec
+
+    path = tmp_path / name
+    path.write_bytes(msgspec.toml.encode(cfg))
+    return path

@@ -1,9 +1,16 @@
-"""Type stub for the native hot path (src/eventbroker/_fastpath.pyx)."""
-
-from typing import Any
+"""Type stub for the native hot path (src/eventbroker/_fastpath.pyx and its
+topic files in src/eventbroker/_native/)."""
 
 Buffer = bytes | bytearray | memoryview
 
+PROTOCOL_VERSION: int
+MAGIC: bytes
+FRAME_HEADER_BYTES: int
+EVENT_HEADER_BYTES: int
+MAX_TYPES_PER_BATCH: int
+MAX_TYPE_NAME_BYTES: int
+MAX_CLIENT_ID_BYTES: int
+MAX_KEY_BYTES: int
 FRAME_HELLO: int
 FRAME_WELCOME: int
 FRAME_EVENT_BATCH: int
@@ -17,8 +24,13 @@ ERR_MALFORMED_FRAME: int
 ERR_UNKNOWN_FRAME_TYPE: int
 ERR_BAD_HANDSHAKE: int
 ERR_UNSUPPORTED_VERSION: int
+ERR_AUTH_FAILED: int
 ERR_TOO_MANY_EVENTS: int
 ERR_TRUNCATED_STREAM: int
+ERR_UNEXPECTED_FRAME: int
+ERR_INTERNAL: int
+ERR_CONNECTION_LIMIT: int
+ERR_TIMEOUT: int
 STATUS_PERSISTED: int
 STATUS_REJECTED: int
 STATUS_RETRY_LATER: int
@@ -31,7 +43,10 @@ REASON_INVALID: int
 REASON_FORBIDDEN: int
 REASON_OVERLOADED: int
 REASON_KAFKA_UNAVAILABLE: int
+REASON_SHUTTING_DOWN: int
 REASON_SPOOL_UNAVAILABLE: int
+GOAWAY_SHUTTING_DOWN: int
+GOAWAY_REBALANCE: int
 HEADER_EVENT_ID: bytes
 HEADER_EVENT_TYPE: bytes
 HEADER_TIMESTAMP: bytes
@@ -77,7 +92,6 @@ class TypeRing:
     pending_bytes: int
     events_in: int
     bytes_in: int
-    lane: Any
     admit_limit_bytes: int
     def __init__(
         self,
@@ -104,7 +118,7 @@ class TypeRing:
 # (type_index, status, reason, count, indices or None, ring or None)
 IngestResult = tuple[int, int, int, int, list[int] | None, TypeRing | None]
 
-class Router:
+class BatchSplitter:
     max_events_per_batch: int
     max_event_bytes: int
     batches_in: int

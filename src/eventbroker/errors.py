@@ -7,7 +7,11 @@ One root, ``EventBrokerError``, and a few families under it:
 * ``ProtocolError``: the peer broke the wire protocol; carries the error code
   sent in the ERROR frame.
 * ``DeliveryError``: an event was not delivered; ``retriable`` says whether
-  sending it again may succeed. ``EventRejected`` carries the reason.
+  sending it again may succeed. ``EventRejected`` carries the reason;
+  ``kafka.errors.ProduceFailed`` is the gateway's own (Kafka refused a unit).
+* ``AuthFailed``: a producer's credentials were refused (server side).
+* ``SpoolError``: a spool directory cannot be used; ``SpoolLocked`` when
+  another process holds it. ``SpoolWriteFailed``: a record was not written.
 
 Operating-system errors stay the built-in ``ConnectionError`` family.
 """
@@ -63,3 +67,24 @@ class ProducerClosed(DeliveryError):
     """The producer was closed before the event was acknowledged."""
 
     retriable = True
+
+
+class AuthFailed(EventBrokerError):
+    """A producer's token or certificate was refused. The reason is for the
+    log; the producer only hears "authentication failed"."""
+
+
+class SpoolError(EventBrokerError):
+    """The spool directory cannot be used (locked, unreadable, not a spool)."""
+
+
+class SpoolLocked(SpoolError):
+    """Another process (a daemon, ``eventbroker spool replay``) holds the spool directory."""
+
+
+class SpoolWriteFailed(EventBrokerError):
+    """A record could not be written (disk full, I/O error); nothing of it remains."""
+
+    def __init__(self, path: object, err: OSError) -> None:
+        self.errno = err.errno
+        super().__init__(f"{path}: {err.strerror or err}")

@@ -1,9 +1,12 @@
-"""Wire protocol v1: constants and the per-frame (not per-event) codecs.
+"""Wire protocol v1: constants, the per-frame (not per-event) codecs, addresses.
 
-The byte-level specification is docs/protocol.md. Event batches are encoded
-and decoded in ``_fastpath`` (``BatchEncoder``, ``Router.ingest``); this module
-handles the control frames (handshake, acks, heartbeats, goaway, errors) and
-carries a plain reference decoder for batches that tests and tools use.
+The byte-level specification is docs/protocol.md. Every constant comes from
+the native core (``_native/consts.pxi``), its one source. Event batches are
+encoded and decoded in ``_fastpath`` (``BatchEncoder``,
+``BatchSplitter.ingest``); this module handles the control frames (handshake,
+acks, heartbeats, goaway, errors) and carries a plain reference decoder for
+batches that tests and tools use. Producers (the SDK) and the gateway both
+build on it, so it imports nothing above ``errors``.
 """
 
 from __future__ import annotations
@@ -15,14 +18,22 @@ from enum import IntEnum
 import eventbroker._fastpath as fp
 from eventbroker.errors import ProtocolError
 
-MAGIC = b"EVBK"
-PROTOCOL_VERSION = 1
-FRAME_HEADER_BYTES = 12
-EVENT_HEADER_BYTES = 32
-MAX_CLIENT_ID_BYTES = 255
-MAX_TYPE_NAME_BYTES = 255
-MAX_KEY_BYTES = 65535
-MAX_TYPES_PER_BATCH = 4096
+MAGIC: bytes = fp.MAGIC
+PROTOCOL_VERSION: int = fp.PROTOCOL_VERSION
+FRAME_HEADER_BYTES: int = fp.FRAME_HEADER_BYTES
+EVENT_HEADER_BYTES: int = fp.EVENT_HEADER_BYTES  # per event, besides its key and payload
+MAX_CLIENT_ID_BYTES: int = fp.MAX_CLIENT_ID_BYTES
+MAX_TYPE_NAME_BYTES: int = fp.MAX_TYPE_NAME_BYTES
+MAX_KEY_BYTES: int = fp.MAX_KEY_BYTES
+MAX_TYPES_PER_BATCH: int = fp.MAX_TYPES_PER_BATCH
+# Kafka record headers the gateway writes with every event.
+HEADER_EVENT_ID: bytes = fp.HEADER_EVENT_ID
+HEADER_EVENT_TYPE: bytes = fp.HEADER_EVENT_TYPE
+HEADER_TIMESTAMP: bytes = fp.HEADER_TIMESTAMP
+HEADER_RECEIVED: bytes = fp.HEADER_RECEIVED
+
+# Where producers find a gateway unless told otherwise (server.listen's default too).
+DEFAULT_LISTEN = "127.0.0.1:7480"
 
 encode_frame = fp.encode_frame
 
@@ -46,13 +57,13 @@ class ErrorCode(IntEnum):
     UNKNOWN_FRAME_TYPE = fp.ERR_UNKNOWN_FRAME_TYPE
     BAD_HANDSHAKE = fp.ERR_BAD_HANDSHAKE
     UNSUPPORTED_VERSION = fp.ERR_UNSUPPORTED_VERSION
-    AUTH_FAILED = 7
+    AUTH_FAILED = fp.ERR_AUTH_FAILED
     TOO_MANY_EVENTS = fp.ERR_TOO_MANY_EVENTS
     TRUNCATED_STREAM = fp.ERR_TRUNCATED_STREAM
-    UNEXPECTED_FRAME = 10
-    INTERNAL = 11
-    CONNECTION_LIMIT = 12
-    TIMEOUT = 13
+    UNEXPECTED_FRAME = fp.ERR_UNEXPECTED_FRAME
+    INTERNAL = fp.ERR_INTERNAL
+    CONNECTION_LIMIT = fp.ERR_CONNECTION_LIMIT
+    TIMEOUT = fp.ERR_TIMEOUT
 
 
 class Status(IntEnum):
@@ -70,13 +81,30 @@ class Reason(IntEnum):
     FORBIDDEN = fp.REASON_FORBIDDEN
     OVERLOADED = fp.REASON_OVERLOADED
     KAFKA_UNAVAILABLE = fp.REASON_KAFKA_UNAVAILABLE
-    SHUTTING_DOWN = 18
+    SHUTTING_DOWN = fp.REASON_SHUTTING_DOWN
     SPOOL_UNAVAILABLE = fp.REASON_SPOOL_UNAVAILABLE
 
 
 class GoawayReason(IntEnum):
-    SHUTTING_DOWN = 1
-    REBALANCE = 2
+    SHUTTING_DOWN = fp.GOAWAY_SHUTTING_DOWN
+    REBALANCE = fp.GOAWAY_REBALANCE
+
+
+def parse_host_port(value: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """Parse ``host:port`` (``[v6]:port`` too), the form of every eventbroker
+    address (listener, admin endpoint, the SDK's server list); raises
+    ValueError with the reason."""
+    host, sep, port_s = value.rpartition(":")
+    if not sep:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    host = host.strip("[]") or default_host
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"{value!r}: port {port_s!r} is not a number") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{value!r}: port out of range")
+    return host, port
 
 
 def error_name(code: int) -> str:

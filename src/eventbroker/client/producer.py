@@ -21,20 +21,22 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 from eventbroker import _fastpath as fp
-from eventbroker.config import parse_host_port
+from eventbroker.client.address import parse_servers
+from eventbroker.client.batches import Batch, IdGenerator, Pending
+from eventbroker.client.connection import Connection, client_ssl
 from eventbroker.errors import EventRejected, ProducerClosed, ServerError, UsageError
 from eventbroker.protocol import (
+    DEFAULT_LISTEN,
+    EVENT_HEADER_BYTES,
     MAX_KEY_BYTES,
     MAX_TYPE_NAME_BYTES,
     MAX_TYPES_PER_BATCH,
     Ack,
     ErrorCode,
     ErrorFrame,
-    FrameType,
-    Goaway,
     Hello,
     Status,
     Welcome,
@@ -45,140 +47,6 @@ from eventbroker.protocol import (
 log = logging.getLogger("eventbroker.client")
 
 _FATAL_CODES = {ErrorCode.BAD_HANDSHAKE, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.AUTH_FAILED}
-# Per-event bytes in a batch frame besides key and payload.
-_EVENT_OVERHEAD = 32
-
-
-class IdGenerator:
-    """16-byte event ids: 8 random bytes per generator, then a counter."""
-
-    __slots__ = ("_prefix", "_counter")
-
-    def __init__(self) -> None:
-        self._prefix = os.urandom(8)
-        self._counter = itertools.count(1)
-
-    def __call__(self) -> bytes:
-        return self._prefix + next(self._counter).to_bytes(8, "big")
-
-
-class _Pending:
-    """One event waiting for its acknowledgement."""
-
-    __slots__ = ("type", "event_id", "timestamp_ms", "key", "payload", "future")
-
-    def __init__(self, type_: bytes, event_id: bytes, ts: int, key: bytes | None, payload: bytes, fut) -> None:
-        self.type = type_
-        self.event_id = event_id
-        self.timestamp_ms = ts
-        self.key = key
-        self.payload = payload
-        self.future = fut
-
-
-class _Batch:
-    __slots__ = ("seq", "frame", "events", "by_type", "answered", "left", "sent_at")
-
-    def __init__(self, seq: int, frame: bytes, events: list[_Pending], type_of: list[int]) -> None:
-        self.seq = seq
-        self.frame = frame
-        self.events = events
-        self.by_type: dict[int, list[int]] = {}
-        for i, ti in enumerate(type_of):
-            self.by_type.setdefault(ti, []).append(i)
-        self.answered = bytearray(len(events))
-        self.left = len(events)
-        self.sent_at = 0.0
-
-
-def _client_ssl(tls: bool | ssl.SSLContext, ca_file: str | None, cert_file: str | None,
-                key_file: str | None) -> ssl.SSLContext | None:
-    if isinstance(tls, ssl.SSLContext):
-        return tls
-    if not (tls or ca_file or cert_file):
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert_file:
-        ctx.load_cert_chain(cert_file, key_file)
-    return ctx
-
-
-class _Conn(asyncio.Protocol):
-    def __init__(self, producer: Producer) -> None:
-        self.p = producer
-        self.reader = fp.FrameReader(64 * 1024 * 1024)
-        self.transport: asyncio.Transport | None = None
-        self.welcome: asyncio.Future[Welcome] = asyncio.get_running_loop().create_future()
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.last_rx = time.monotonic()
-        self.goaway = False
-        self.can_write = asyncio.Event()
-        self.can_write.set()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def data_received(self, data: bytes) -> None:
-        self.last_rx = time.monotonic()
-        if not self.welcome.done() and self.p._ssl is None and data[:1] in (b"\x15", b"\x16") and \
-                data[1:2] == b"\x03":
-            # A TLS record (alert or handshake) where a frame was expected.
-            self.welcome.set_exception(ServerError(ErrorCode.BAD_HANDSHAKE, "the server speaks TLS: give the "
-                                                   "producer tls=True (and ca_file) to connect"))
-            self.close()
-            return
-        self.reader.feed(data)
-        try:
-            while (ft := self.reader.next_frame()) >= 0:
-                body = self.reader.body()
-                if ft == FrameType.ACK:
-                    self.p._on_ack(Ack.decode(body))
-                elif ft == FrameType.WELCOME:
-                    if not self.welcome.done():
-                        self.welcome.set_result(Welcome.decode(body))
-                elif ft == FrameType.HEARTBEAT:
-                    pass
-                elif ft == FrameType.GOAWAY:
-                    g = Goaway.decode(body)
-                    log.info("server asked to reconnect elsewhere: %s", g.message)
-                    self.goaway = True
-                    self.p._on_goaway(self)
-                elif ft == FrameType.ERROR:
-                    err = ErrorFrame.decode(body)
-                    self.p._on_server_error(err)
-                    if not self.welcome.done():
-                        self.welcome.set_exception(ServerError(err.code, err.message))
-                    self.close()
-                    return
-        except Exception as e:
-            log.warning("bad frame from server: %r; reconnecting", e)
-            self.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.welcome.done():
-            hint = "" if self.p._ssl is not None else " (if the server uses TLS, connect with tls=True)"
-            self.welcome.set_exception(ConnectionError(f"connection closed during the handshake{hint}"))
-        if not self.lost.done():
-            self.lost.set_result(None)
-        self.can_write.set()
-
-    def pause_writing(self) -> None:
-        self.can_write.clear()
-
-    def resume_writing(self) -> None:
-        self.can_write.set()
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
 
 
 class Producer:
@@ -189,7 +57,7 @@ class Producer:
 
     def __init__(
         self,
-        servers: str | Sequence[str] = "127.0.0.1:7480",
+        servers: str | Sequence[str] = DEFAULT_LISTEN,
         *,
         client_id: str | None = None,
         linger_ms: float = 5.0,
@@ -210,11 +78,7 @@ class Producer:
         server certificate is verified against ``ca_file`` (default: the
         system's CAs) and the host name. ``cert_file``/``key_file``: a client
         certificate for mutual TLS."""
-        if isinstance(servers, str):
-            servers = [s for s in servers.split(",") if s]
-        if not servers:
-            raise UsageError("at least one server address is needed")
-        self._servers = [parse_host_port(s) for s in servers]
+        self._servers = parse_servers(servers)
         self._server_idx = 0
         self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}"
         self._linger_s = linger_ms / 1000
@@ -225,15 +89,15 @@ class Producer:
         self._backoff = reconnect_backoff_ms
         self._hb_override = heartbeat_interval_ms
         self._token = token.encode() if token else b""
-        self._ssl = _client_ssl(tls, ca_file, cert_file, key_file)
+        self._ssl = client_ssl(tls, ca_file, cert_file, key_file)
         self._ids = IdGenerator()
         self._enc = fp.BatchEncoder()
-        self._open: list[_Pending] = []
+        self._open: list[Pending] = []
         self._open_types: list[int] = []
         self._linger_handle: asyncio.TimerHandle | None = None
-        self._outbox: deque[_Batch] = deque()
-        self._inflight: dict[int, _Batch] = {}
-        self._retry_waiting: list[list[_Pending]] = []  # answered retry-later, waiting out the hint
+        self._outbox: deque[Batch] = deque()
+        self._inflight: dict[int, Batch] = {}
+        self._retry_waiting: list[list[Pending]] = []  # answered retry-later, waiting out the hint
         self._seq = itertools.count(1)
         self._unresolved = 0
         self._space = asyncio.Event()
@@ -241,7 +105,7 @@ class Producer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._wake_sender = asyncio.Event()
-        self._conn: _Conn | None = None
+        self._conn: Connection | None = None
         self._welcome: Welcome | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._closing = False
@@ -253,6 +117,11 @@ class Producer:
         self._connected = asyncio.Event()
         self.stats = {"sent": 0, "persisted": 0, "rejected": 0, "retried": 0, "resent_after_reconnect": 0,
                       "connect_failures": 0}
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        """The TLS context connections use; None: plaintext."""
+        return self._ssl
 
     # lifecycle
 
@@ -326,7 +195,7 @@ class Producer:
         fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         eid = event_id if event_id is not None else self._ids()
         ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
-        ev = _Pending(type_b, eid, ts, key, payload, fut)
+        ev = Pending(type_b, eid, ts, key, payload, fut)
         self._unresolved += 1
         self._idle.clear()
         self.stats["sent"] += 1
@@ -349,8 +218,8 @@ class Producer:
     async def send_and_wait(self, event_type: str, payload: bytes, **kw: Any) -> bytes:
         return await (await self.send(event_type, payload, **kw))
 
-    def _append(self, ev: _Pending) -> None:
-        size = _EVENT_OVERHEAD + len(ev.payload) + (len(ev.key) if ev.key else 0)
+    def _append(self, ev: Pending) -> None:
+        size = EVENT_HEADER_BYTES + len(ev.payload) + (len(ev.key) if ev.key else 0)
         limit = self._frame_limit()
         enc = self._enc
         if self._open and (
@@ -381,7 +250,7 @@ class Producer:
         if not self._open:
             return
         seq = next(self._seq)
-        batch = _Batch(seq, self._enc.finish(seq), self._open, self._open_types)
+        batch = Batch(seq, self._enc.finish(seq), self._open, self._open_types)
         self._open = []
         self._open_types = []
         self._outbox.append(batch)
@@ -407,12 +276,12 @@ class Producer:
 
     # acks
 
-    def _on_ack(self, ack: Ack) -> None:
+    def on_ack(self, ack: Ack) -> None:
         batch = self._inflight.get(ack.batch_seq)
         if batch is None:
             return  # a batch answered before a reconnect; already resent
         # Entries that list their events come first; the others cover the rest.
-        retry: list[_Pending] = []
+        retry: list[Pending] = []
         retry_after = 0
         for e in sorted(ack.entries, key=lambda e: not e.indices):
             idxs = e.indices if e.indices else batch.by_type.get(e.type_index, ())
@@ -441,7 +310,7 @@ class Producer:
             if conn is not None and conn.goaway and not self._inflight:
                 conn.close()
 
-    def _requeue(self, events: list[_Pending]) -> None:
+    def _requeue(self, events: list[Pending]) -> None:
         if self._closed:
             return  # close() fails them (they stay in _retry_waiting for it)
         try:
@@ -452,7 +321,7 @@ class Producer:
             self._append(ev)
         self._seal()
 
-    def _resolve(self, ev: _Pending, exc: BaseException | None) -> None:
+    def _resolve(self, ev: Pending, exc: BaseException | None) -> None:
         fut = ev.future
         if not fut.done():
             if exc is None:
@@ -480,23 +349,23 @@ class Producer:
 
     # connection management
 
-    def _on_goaway(self, conn: _Conn) -> None:
+    def on_goaway(self, conn: Connection) -> None:
         if not self._inflight:
             conn.close()
 
-    def _on_server_error(self, err: ErrorFrame) -> None:
+    def on_server_error(self, err: ErrorFrame) -> None:
         log.warning("server closed the connection: error %s: %s", err.code, err.message)
         if err.code in _FATAL_CODES:
             self._fatal = ServerError(err.code, err.message)
 
-    async def _connect_once(self) -> _Conn:
+    async def _connect_once(self) -> Connection:
         host, port = self._servers[self._server_idx % len(self._servers)]
         loop = asyncio.get_running_loop()
         extra: dict[str, Any] = {}
         if self._ssl is not None:
             extra = {"ssl": self._ssl, "server_hostname": host, "ssl_handshake_timeout": self._connect_timeout_s}
         _, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: _Conn(self), host, port, **extra), self._connect_timeout_s
+            loop.create_connection(lambda: Connection(self), host, port, **extra), self._connect_timeout_s
         )
         conn.write(Hello(self.client_id, auth=self._token).encode())
         try:
@@ -568,7 +437,7 @@ class Producer:
             if conn.goaway:
                 self._server_idx += 1
 
-    async def _heartbeats(self, conn: _Conn) -> None:
+    async def _heartbeats(self, conn: Connection) -> None:
         welcome = self._welcome
         interval = (self._hb_override or (welcome.heartbeat_interval_ms if welcome else 5000)) / 1000
         token = 0

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from eventbroker.client.producer import Producer
+from eventbroker.protocol import DEFAULT_LISTEN
 
 
 class SyncProducer:
@@ -17,7 +18,7 @@ class SyncProducer:
     ``with SyncProducer("host:port") as p: p.send("play", b"{}").result()``
     """
 
-    def __init__(self, servers: str | Sequence[str] = "127.0.0.1:7480", **kwargs: Any) -> None:
+    def __init__(self, servers: str | Sequence[str] = DEFAULT_LISTEN, **kwargs: Any) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="eventbroker-producer", daemon=True)
         self._thread.start()

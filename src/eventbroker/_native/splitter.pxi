@@ -1,0 +1,204 @@
+# Included by _fastpath.pyx (one extension module); see its header for the wire format.
+"""The batch splitter: checks a whole EVENT_BATCH frame, then copies each accepted part into its type's ring."""
+
+
+cdef struct _TypeAcc:
+    int forbidden           # the connection may not send this type
+    PyObject *ring          # borrowed from the ``rings`` list
+    Py_ssize_t n            # events of this type index in the batch
+    Py_ssize_t n_ok         # events that pass the per-event checks
+    Py_ssize_t bytes_ok     # ring bytes they need
+    int status
+    int reason
+
+
+@cython.final
+cdef class BatchSplitter:
+    """Maps event type names to rings and splits batch frames into them."""
+    cdef dict _rings
+    cdef public Py_ssize_t max_events_per_batch
+    cdef public Py_ssize_t max_event_bytes
+    cdef public unsigned long long batches_in
+
+    def __init__(self, *, Py_ssize_t max_events_per_batch, Py_ssize_t max_event_bytes):
+        self._rings = {}
+        self.max_events_per_batch = max_events_per_batch
+        self.max_event_bytes = max_event_bytes
+
+    def add(self, TypeRing ring not None):
+        self._rings[ring.name_bytes] = ring
+
+    def remove(self, str name):
+        self._rings.pop(name.encode("utf-8"), None)
+
+    def get(self, str name):
+        return self._rings.get(name.encode("utf-8"))
+
+    def rings(self):
+        return list(self._rings.values())
+
+    def ingest(self, FrameReader reader not None, int64_t now_ms, object allowed=None):
+        """Split the reader's current EVENT_BATCH frame into the rings.
+
+        ``allowed``: None, or the set of type names (bytes) this connection's
+        producer may send; parts of other configured types are rejected
+        ``forbidden`` (one set lookup per type in the batch, not per event).
+
+        Returns ``(batch_seq, type_names, results)``; ``results`` is a list of
+        ``(type_index, status, reason, count, indices, ring)``. ``indices``
+        lists the events (by position in the batch) a per-event rejection
+        covers, else None; ``ring`` is set for C_STATUS_ACCEPTED parts. Nothing
+        is written unless the whole frame is well formed.
+        """
+        cdef const unsigned char *b = reader._body
+        cdef Py_ssize_t blen = reader._body_len
+        cdef Py_ssize_t pos, i, nt, ne, klen, vlen, need, ti
+        cdef unsigned long long seq
+        cdef _TypeAcc *acc = NULL
+        cdef list names = []
+        cdef list results = []
+        cdef list rejected_lists
+        cdef TypeRing ring
+        cdef object ro
+        cdef const unsigned char *ev
+        cdef Py_ssize_t start
+        cdef Py_ssize_t admitted = 0
+        cdef int reason
+        if b == NULL or reader.frame_type != C_FRAME_EVENT_BATCH:
+            raise ValueError("reader is not positioned on an EVENT_BATCH frame")
+        if blen < 10:
+            raise ProtocolError(C_ERR_MALFORMED_FRAME, "event batch shorter than its header")
+        seq = eb_ld64(b)
+        nt = eb_ld16(b + 8)
+        pos = 10
+        if nt == 0:
+            raise ProtocolError(C_ERR_MALFORMED_FRAME, "event batch has no type table")
+        if nt > C_MAX_TYPES_PER_BATCH:
+            raise ProtocolError(C_ERR_MALFORMED_FRAME, f"{nt} types in one batch; at most {C_MAX_TYPES_PER_BATCH}")
+        for i in range(nt):
+            if pos >= blen or pos + 1 + b[pos] > blen:
+                raise ProtocolError(C_ERR_MALFORMED_FRAME, "type table runs past the frame")
+            if b[pos] == 0:
+                raise ProtocolError(C_ERR_MALFORMED_FRAME, "empty event type name")
+            names.append(PyBytes_FromStringAndSize(<const char *>b + pos + 1, b[pos]))
+            pos += 1 + b[pos]
+        if len(set(names)) != nt:
+            raise ProtocolError(C_ERR_MALFORMED_FRAME, "a type name is listed twice in the type table")
+        if pos + 4 > blen:
+            raise ProtocolError(C_ERR_MALFORMED_FRAME, "event batch ends before its event count")
+        ne = eb_ld32(b + pos)
+        pos += 4
+        if ne > self.max_events_per_batch:
+            raise ProtocolError(
+                C_ERR_TOO_MANY_EVENTS,
+                f"batch of {ne} events exceeds max_events_per_batch={self.max_events_per_batch}",
+            )
+        acc = <_TypeAcc *>calloc(nt, sizeof(_TypeAcc))
+        if acc == NULL:
+            raise MemoryError()
+        rejected_lists = [None] * nt
+        try:
+            for i in range(nt):
+                ro = self._rings.get(names[i])
+                if ro is not None and allowed is not None and names[i] not in allowed:
+                    acc[i].forbidden = 1
+                    ro = None
+                acc[i].ring = <PyObject *>ro if ro is not None else NULL
+            start = pos
+            # Pass 1: check the framing of every event, count and size parts.
+            for i in range(ne):
+                if pos + C_EVENT_HEADER_BYTES > blen:
+                    raise ProtocolError(C_ERR_MALFORMED_FRAME, f"event {i} runs past the frame")
+                ev = b + pos
+                ti = eb_ld16(ev)
+                klen = eb_ld16(ev + 2)
+                vlen = eb_ld32(ev + 4)
+                if ti >= nt:
+                    raise ProtocolError(C_ERR_MALFORMED_FRAME, f"event {i} has type index {ti} of {nt}")
+                need = C_EVENT_HEADER_BYTES + klen + vlen
+                if pos + need > blen:
+                    raise ProtocolError(C_ERR_MALFORMED_FRAME, f"event {i} runs past the frame")
+                pos += need
+                acc[ti].n += 1
+                if acc[ti].ring == NULL:
+                    continue
+                ring = <TypeRing>acc[ti].ring
+                reason = _event_reason(ev, klen, vlen, ring, self.max_event_bytes)
+                if reason:
+                    if rejected_lists[ti] is None:
+                        rejected_lists[ti] = {}
+                    rejected_lists[ti].setdefault(reason, []).append(i)
+                    continue
+                acc[ti].n_ok += 1
+                acc[ti].bytes_ok += ring._entry_bytes(klen, vlen)
+            if pos != blen:
+                raise ProtocolError(C_ERR_MALFORMED_FRAME, f"{blen - pos} bytes after the last event")
+            # Decide each part: unknown, disabled, no room, or accepted.
+            for i in range(nt):
+                if acc[i].n == 0:
+                    continue
+                if acc[i].ring == NULL:
+                    results.append((i, C_STATUS_REJECTED,
+                                    C_REASON_FORBIDDEN if acc[i].forbidden else C_REASON_UNKNOWN_TYPE,
+                                    acc[i].n, None, None))
+                    continue
+                ring = <TypeRing>acc[i].ring
+                if not ring.enabled:
+                    results.append((i, C_STATUS_REJECTED, C_REASON_DISABLED, acc[i].n, None, None))
+                    continue
+                if rejected_lists[i] is not None:
+                    for reason, idx_list in rejected_lists[i].items():
+                        results.append((i, C_STATUS_REJECTED, reason, len(idx_list), idx_list, None))
+                if acc[i].n_ok == 0:
+                    continue
+                if not ring.accepting:
+                    results.append((i, C_STATUS_RETRY_LATER, ring.refuse_reason, acc[i].n_ok, None, None))
+                    continue
+                # An empty ring always takes one part, so any valid batch makes
+                # progress; the bound is capacity plus one frame's worth.
+                if ring.used_bytes and acc[i].bytes_ok > ring.capacity_bytes - ring.used_bytes:
+                    results.append((i, C_STATUS_RETRY_LATER, C_REASON_OVERLOADED, acc[i].n_ok, None, None))
+                    continue
+                # The shared budget: each priority is admitted up to its share
+                # (low types are refused first). At the top share an empty ring
+                # still takes one part, so critical types always progress.
+                if (ring._budget is not None and ring.admit_limit_bytes
+                        and ring._budget.used_bytes + admitted + acc[i].bytes_ok > ring.admit_limit_bytes
+                        and not (ring.used_bytes == 0 and ring.admit_limit_bytes >= ring._budget.limit_bytes)):
+                    results.append((i, C_STATUS_RETRY_LATER, C_REASON_OVERLOADED, acc[i].n_ok, None, None))
+                    continue
+                admitted += acc[i].bytes_ok  # earlier parts of this batch count too
+                acc[i].status = C_STATUS_ACCEPTED
+                results.append((i, C_STATUS_ACCEPTED, C_REASON_NONE, acc[i].n_ok, None, ring))
+            # Pass 2: copy accepted events into their rings.
+            pos = start
+            for i in range(ne):
+                ev = b + pos
+                ti = eb_ld16(ev)
+                klen = eb_ld16(ev + 2)
+                vlen = eb_ld32(ev + 4)
+                pos += C_EVENT_HEADER_BYTES + klen + vlen
+                if acc[ti].status != C_STATUS_ACCEPTED:
+                    continue
+                ring = <TypeRing>acc[ti].ring
+                if _event_reason(ev, klen, vlen, ring, self.max_event_bytes):
+                    continue
+                ring._write(ev, now_ms)
+            self.batches_in += 1
+            return seq, names, results
+        finally:
+            free(acc)
+
+
+cdef inline int _event_reason(const unsigned char *ev, Py_ssize_t klen, Py_ssize_t vlen,
+                              TypeRing ring, Py_ssize_t global_max):
+    cdef uint64_t id_hi, id_lo
+    if vlen == 0 or (ev[8] & 0x80):  # empty payload, or a negative timestamp
+        return C_REASON_INVALID
+    memcpy(&id_hi, ev + 16, 8)
+    memcpy(&id_lo, ev + 24, 8)
+    if id_hi == 0 and id_lo == 0:
+        return C_REASON_INVALID
+    if klen + vlen > ring.max_event_bytes or klen + vlen > global_max:
+        return C_REASON_TOO_LARGE
+    return 0

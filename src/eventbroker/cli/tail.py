@@ -1,0 +1,92 @@
+"""``eventbroker tail``: print the events in one type's topic."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import orjson
+
+from eventbroker.cli.base import config_path, run
+from eventbroker.config import DEFAULT_EMBEDDED_PORT, load_config, resolve_types
+from eventbroker.kafka.reader import open_topic
+from eventbroker.protocol import HEADER_EVENT_ID, HEADER_EVENT_TYPE
+
+log = logging.getLogger("eventbroker")
+
+_ID, _TYPE = HEADER_EVENT_ID.decode(), HEADER_EVENT_TYPE.decode()  # aiokafka gives header keys as str
+
+
+async def _tail(args: argparse.Namespace) -> int:
+    cfg = load_config(config_path(args.config))
+    types = resolve_types(cfg)
+    topic = types[args.type].topic if args.type in types else f"events.{args.type}"
+    if args.type not in types:
+        log.warning("type %r is not in the config; reading topic %s", args.type, topic)
+    bootstrap = args.kafka or cfg.kafka.bootstrap_servers or f"127.0.0.1:{cfg.kafka.embedded_port}"
+    consumer, exists = await open_topic(cfg.kafka, bootstrap, topic, from_start=not args.new_only)
+    if not exists:
+        # Otherwise the consumer waits for it forever, silently.
+        log.warning("topic %s does not exist (yet): no event of type %r has been delivered to %s; waiting for it",
+                    topic, args.type, bootstrap)
+    seen = 0
+    out = sys.stdout
+    try:
+        idle_ms = 0
+        while args.max_events is None or seen < args.max_events:
+            batch = await consumer.getmany(timeout_ms=500, max_records=1000)
+            if not batch:
+                idle_ms += 500
+                if args.idle_exit_ms is not None and idle_ms >= args.idle_exit_ms:
+                    break
+                continue
+            idle_ms = 0
+            for tp in sorted(batch):
+                for m in batch[tp]:
+                    headers = dict(m.headers or ())
+                    if args.payload_only:
+                        out.write(m.value.decode("utf-8", "replace") + "\n")
+                    else:
+                        rec = {
+                            "partition": m.partition,
+                            "offset": m.offset,
+                            "id": headers.get(_ID, b"").hex(),
+                            "type": headers.get(_TYPE, b"").decode("utf-8", "replace"),
+                            "timestamp_ms": m.timestamp,
+                            "key": m.key.decode("utf-8", "replace") if m.key is not None else None,
+                            "payload": _payload_json(m.value),
+                        }
+                        out.write(orjson.dumps(rec).decode() + "\n")
+                    seen += 1
+                    if args.max_events is not None and seen >= args.max_events:
+                        break
+                if args.max_events is not None and seen >= args.max_events:
+                    break
+            out.flush()
+    finally:
+        await consumer.stop()
+    return 0
+
+
+def _payload_json(value: bytes):
+    try:
+        return orjson.loads(value)
+    except orjson.JSONDecodeError:
+        return value.decode("utf-8", "replace")
+
+
+def cmd_tail(args: argparse.Namespace) -> int:
+    return run(_tail(args))
+
+
+def add_parser(sub) -> None:
+    t = sub.add_parser("tail", help="print the events in one type's topic")
+    t.add_argument("--type", required=True, help="event type")
+    t.add_argument("--config", help="config file, for the type's topic and the Kafka address")
+    t.add_argument("--kafka", help=f"Kafka bootstrap servers (default: config, else 127.0.0.1:{DEFAULT_EMBEDDED_PORT})")
+    t.add_argument("--new-only", action="store_true", help="skip events already in the topic")
+    t.add_argument("--max-events", type=int, default=None, help="exit after this many events")
+    t.add_argument("--idle-exit-ms", type=int, default=None, help="exit after this long without events")
+    t.add_argument("--payload-only", action="store_true", help="print only each payload")
+    t.set_defaults(func=cmd_tail)

@@ -1,0 +1,56 @@
+"""The registry of event types: every configured type with its defaults resolved.
+
+``resolve_types`` is the one place that knows how a ``[types.<name>]`` entry
+falls back to ``[defaults]`` and which cross-section rules a type must keep.
+"""
+
+from __future__ import annotations
+
+import re
+
+from msgspec import Struct
+
+from eventbroker.config.schema import AckMode, Config, Partitioning, Priority
+
+
+class EventType(Struct, frozen=True, kw_only=True):
+    """One event type with every default resolved."""
+
+    name: str
+    topic: str
+    priority: Priority
+    max_event_bytes: int
+    partitioning: Partitioning
+    ring_bytes: int
+    enabled: bool
+    ack: AckMode = "kafka"
+
+
+_TOPIC_RE = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
+
+
+def resolve_types(cfg: Config) -> dict[str, EventType]:
+    """The registry: every configured type with defaults applied, validated."""
+    d = cfg.defaults
+    out: dict[str, EventType] = {}
+    for name, t in sorted(cfg.types.items()):
+        topic = t.topic if t.topic is not None else f"events.{name}"
+        if not _TOPIC_RE.match(topic):
+            raise ValueError(f"key 'types.{name}.topic': {topic!r} is not a valid Kafka topic name")
+        et = EventType(
+            name=name,
+            topic=topic,
+            priority=t.priority or d.priority,
+            max_event_bytes=t.max_event_bytes or d.max_event_bytes,
+            partitioning=t.partitioning or d.partitioning,
+            ring_bytes=t.ring_bytes or d.ring_bytes,
+            enabled=d.enabled if t.enabled is None else t.enabled,
+            ack=t.ack or d.ack,
+        )
+        if et.ring_bytes < 2 * cfg.server.max_frame_bytes:
+            raise ValueError(
+                f"key 'types.{name}.ring_bytes': {et.ring_bytes} is less than twice server.max_frame_bytes "
+                f"({cfg.server.max_frame_bytes})"
+            )
+        out[name] = et
+    return out

@@ -1,0 +1,166 @@
+"""One type's way into its topic: the delivery machinery every writer shares.
+
+A gateway lane (ring -> Kafka) and the spool's forwarder (spool -> Kafka)
+each own a ``TopicWriter``. It knows the topic's partitions (looked up
+again after a failure), picks the sticky partition for unkeyed events, takes
+units from a ring in the sink's form, sends them timed under the shared
+produce-request slots, backs off exponentially, and logs failures at a
+bounded rate. What a writer's owner does with a failure (hand the events
+back, keep them spooled, dead-letter a record) stays with the owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+from eventbroker import _fastpath as fp
+from eventbroker.config import PRIORITY_ORDER, EventType, KafkaConfig
+from eventbroker.kafka.errors import ProduceFailed
+from eventbroker.kafka.sink import KafkaBatch, Sink, UnitTaken
+from eventbroker.kafka.slots import PrioritySlots
+
+# A failure is logged when it differs from the last one (at most once a
+# second), and a persisting one every ten seconds.
+_LOG_CHANGED_EVERY_S = 1.0
+_LOG_SAME_EVERY_S = 10.0
+
+
+class WriterStats:
+    """Counters a writer keeps for its owner (the owner's stats extend it)."""
+
+    __slots__ = ("send_failures", "last_error")
+
+    def __init__(self) -> None:
+        self.send_failures = 0
+        self.last_error = ""
+
+
+class TopicWriter:
+    def __init__(self, etype: EventType, sink: Sink, kcfg: KafkaConfig, requests: PrioritySlots,
+                 stats: WriterStats, log: logging.Logger, retry_note: str = "retrying") -> None:
+        self.etype = etype
+        self.sink = sink
+        self.kcfg = kcfg  # a reload may replace it
+        self.requests = requests
+        self.stats = stats
+        self.partitions = 0  # 0: look them up before the next unit
+        self.metadata_failing_since = 0.0
+        self.produce_seconds = None  # a histogram child (ops/metrics.py), when metrics are on
+        self._sticky = 0
+        self._log = log
+        self._retry_note = retry_note
+        self._last_log = 0.0
+
+    @property
+    def topic(self) -> str:
+        return self.etype.topic
+
+    @property
+    def rank(self) -> int:
+        return PRIORITY_ORDER[self.etype.priority]
+
+    # back-off
+
+    def first_backoff_s(self) -> float:
+        return self.kcfg.retry_backoff_ms / 1000
+
+    def next_backoff_s(self, seconds: float) -> float:
+        return min(seconds * 2, self.kcfg.retry_backoff_max_ms / 1000)
+
+    # partitions and units
+
+    async def ensure_partitions(self, give_up: Callable[[Exception], bool]) -> bool:
+        """Look the topic's partitions up until they are known (True), retrying
+        with back-off; after each failure ``give_up(error)`` may end it (False)."""
+        while self.partitions == 0:
+            try:
+                self.partitions = await self.sink.partitions(self.topic)
+                self.metadata_failing_since = 0.0
+            except Exception as e:  # broker down, topic missing
+                self.failed(f"metadata for {self.topic}: {e!r}")
+                if not self.metadata_failing_since:
+                    self.metadata_failing_since = time.monotonic()
+                if give_up(e):
+                    return False
+                await asyncio.sleep(self.first_backoff_s())
+        return True
+
+    def forget_partitions(self) -> None:
+        self.partitions = 0
+        self.metadata_failing_since = 0.0
+
+    def take_unit(self, ring: fp.TypeRing, max_bytes: int) -> UnitTaken | None:
+        """The ring's next run of entries, in the form the sink sends; unkeyed
+        events of each unit go to the next partition in turn."""
+        self._sticky = (self._sticky + 1) % self.partitions
+        return self.sink.take_unit(ring, max_bytes, self.partitions, self._sticky)
+
+    # sending
+
+    async def send(self, batches: list[KafkaBatch]) -> None:
+        """One produce attempt, timed; acknowledged batches leave ``batches``."""
+        t0 = time.monotonic()
+        await self.sink.send(self.topic, batches)
+        if self.produce_seconds is not None:
+            self.produce_seconds.observe(time.monotonic() - t0)
+
+    async def send_retrying(self, batches: list[KafkaBatch], stop_on: Callable[[ProduceFailed], bool], *,
+                            slot_per_attempt: bool = False) -> ProduceFailed | None:
+        """Send until Kafka has every batch (None), backing off exponentially;
+        returns the error when ``stop_on`` says no retry can help. With
+        ``slot_per_attempt`` each attempt takes a produce-request slot of its
+        own (else the caller holds one for the whole delivery)."""
+        backoff = self.first_backoff_s()
+        while True:
+            if slot_per_attempt:
+                await self.requests.acquire(self.rank)
+            try:
+                await self.send(batches)
+                return None
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                self.send_failed(e)
+                if isinstance(e, ProduceFailed) and stop_on(e):
+                    return e
+            finally:
+                if slot_per_attempt:
+                    self.requests.release()
+            await asyncio.sleep(backoff)
+            backoff = self.next_backoff_s(backoff)
+
+    def send_failed(self, e: Exception) -> None:
+        self.partitions = 0  # the topic may have changed: look it up again
+        self.failed(f"produce to {self.topic} failed: {e!r}")
+
+    # failures and recovery
+
+    def failed(self, what: str) -> None:
+        """Count a failure and log it at a bounded rate."""
+        stats = self.stats
+        stats.send_failures += 1
+        now = time.monotonic()
+        since = now - self._last_log
+        if (what != stats.last_error and since > _LOG_CHANGED_EVERY_S) or since > _LOG_SAME_EVERY_S:
+            self._log.warning("type %s: %s; %s", self.etype.name, what, self._retry_note)
+            self._last_log = now
+        stats.last_error = what
+
+    def recovered(self) -> bool:
+        """After a delivery: True when it ends a run of failures."""
+        if not self.stats.last_error:
+            return False
+        self.stats.last_error = ""
+        return True
+
+
+async def drain_until(done: Callable[[], bool], deadline: float, wake: Callable[[], None]) -> bool:
+    """The drain-wait loop: poke the drain task until ``done()`` or ``deadline``
+    (monotonic). Polls a counter kept in C every 10 ms: only while stopping."""
+    while not done() and time.monotonic() < deadline:  # noqa: ASYNC110
+        wake()
+        await asyncio.sleep(0.01)
+    return done()

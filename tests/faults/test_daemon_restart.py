@@ -1,0 +1,74 @@
+"""Kill -9 the daemon mid-stream: nothing acknowledged is lost, and the SDK
+resends whatever was not acknowledged once the daemon is back."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import msgspec
+import pytest
+
+from conftest import make_config, read_topic, record_headers, serve_daemon
+from eventbroker.client import Producer
+from eventbroker.kafka.embedded import free_port
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_sigkill_daemon_mid_stream_loses_no_acked_event(tmp_path, kafka_bootstrap):
+    cfg = make_config(kafka_bootstrap, {"play": {}})
+    conf = tmp_path / "eb.toml"
+    conf.write_bytes(msgspec.toml.encode(cfg))
+    port = free_port()
+    log = open(tmp_path / "serve.log", "wb")  # noqa: ASYNC230, SIM115 - closed below
+    first = serve_daemon(conf, port, log)
+    total = 30_000
+    acked_before_kill: set[bytes] = set()
+    second = None
+    try:
+        async with Producer(f"127.0.0.1:{port}", linger_ms=2, reconnect_backoff_ms=(20, 300)) as p:
+            futs: list[asyncio.Future[bytes]] = []
+
+            async def produce() -> None:
+                for i in range(total):
+                    futs.append(await p.send("play", b"event-%d" % i))
+                    if i % 200 == 0:
+                        await asyncio.sleep(0.001)  # a steady stream, not one burst
+
+            async def kill_and_restart() -> None:
+                nonlocal acked_before_kill, second
+                # Kill without warning once a few thousand events were acknowledged,
+                # while the stream goes on (so more are in flight).
+                while True:  # some acknowledged, and some surely still in flight
+                    done = sum(1 for f in futs if f.done())
+                    if done >= 3000 and len(futs) - done >= 500:
+                        break
+                    await asyncio.sleep(0.001)
+                acked_before_kill = {f.result() for f in futs if f.done() and not f.exception()}
+                os.kill(first.pid, signal.SIGKILL)
+                first.wait()
+                second = await asyncio.get_running_loop().run_in_executor(None, serve_daemon, conf, port, log)
+
+            await asyncio.gather(produce(), kill_and_restart())
+            await p.flush(timeout_s=120)
+            ids = [f.result() for f in futs]  # raises if any event was not persisted
+            resent = p.stats["resent_after_reconnect"]
+            reconnects = p.reconnects
+        assert second is not None
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(30) == 0
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+        log.close()
+    got = read_topic(kafka_bootstrap, cfg.types["play"].topic, total, timeout_s=60)
+    found = {record_headers(m)["eb.id"] for m in got}
+    duplicates = len(got) - len(found)
+    print(f"\nsent {total}, acked before kill {len(acked_before_kill)}, acked in the end {len(ids)}, "
+          f"found in Kafka {len(found)}, duplicates {duplicates}, resent after reconnect {resent}")
+    assert acked_before_kill, "the kill came before any ack: the test proved nothing"
+    assert reconnects >= 1
+    assert acked_before_kill <= found  # nothing acknowledged was lost
+    assert found == set(ids)  # and everything was delivered in the end
