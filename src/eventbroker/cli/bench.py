@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from eventbroker.cli.base import command
+
 
 def cmd_bench(bench_args: list[str]) -> int:
     """Run benchmarks/bench.py from the source checkout this package is installed from."""
@@ -20,6 +22,6 @@ def cmd_bench(bench_args: list[str]) -> int:
 
 
 def add_parser(sub) -> None:
-    b = sub.add_parser("bench", help="benchmarks against producing to Kafka directly (see benchmarks/README.md)",
+    b = command(sub, "bench", help="benchmarks against producing to Kafka directly (see benchmarks/README.md)",
                        add_help=False)
     b.set_defaults(func=lambda _args: cmd_bench(["--help"]))

@@ -6,7 +6,9 @@ import argparse
 import logging
 import sys
 
+from eventbroker import __version__
 from eventbroker.cli import bench, produce, serve, spool, status, tail, token
+from eventbroker.cli.base import global_options
 from eventbroker.errors import ConfigError, EventBrokerError
 from eventbroker.kafka.errors import KafkaConnectionError, KafkaError
 from eventbroker.ops.logs import is_json, setup_logging
@@ -16,9 +18,8 @@ log = logging.getLogger("eventbroker")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eventbroker", description="Event delivery gateway into per-type Kafka topics.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    p.add_argument("--log-format", choices=["auto", "text", "json"], default="auto",
-                   help="log lines as JSON or text (auto: text on a terminal, else JSON)")
+    p.add_argument("--version", action="version", version=f"eventbroker {__version__}")
+    global_options(p, defaults=True)
     sub = p.add_subparsers(dest="command", required=True)
     for command in (serve, produce, token, tail, spool, status, bench):
         command.add_parser(sub)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -12,10 +13,13 @@ from collections import Counter
 
 import orjson
 
-from eventbroker.cli.base import run
+from eventbroker.cli.base import command, run
 from eventbroker.client import Producer
 from eventbroker.errors import EventBrokerError, EventRejected, ProducerClosed
+from eventbroker.ops.logs import plural
 from eventbroker.protocol import DEFAULT_LISTEN
+
+_CONNECT_WAIT_S = 10.0
 
 
 class _StdinLines:
@@ -71,7 +75,16 @@ async def _produce(args: argparse.Namespace) -> int:
     await producer.start()
     try:
         try:
-            await producer.wait_connected(args.connect_timeout)
+            # Nothing listening fails at once; --connect-timeout keeps trying that long.
+            # The CLI says why in one line: the SDK's own warning would repeat it.
+            sdk_log = logging.getLogger("eventbroker.client")
+            level = sdk_log.level
+            sdk_log.setLevel(logging.ERROR)
+            try:
+                await producer.wait_connected(args.connect_timeout or _CONNECT_WAIT_S,
+                                              until_refused=args.connect_timeout is None)
+            finally:
+                sdk_log.setLevel(level)
         except (ConnectionError, EventBrokerError) as e:
             print(f"eventbroker: {e}", file=sys.stderr)
             return 1
@@ -86,13 +99,18 @@ async def _produce(args: argparse.Namespace) -> int:
                     obj = orjson.loads(line)
                 except orjson.JSONDecodeError as e:
                     counts["invalid_json"] += 1
-                    print(f"line {lineno}: not JSON ({e}); skipped", file=sys.stderr)
+                    print(f"line {lineno}: not JSON ({e.msg} at column {e.colno}); skipped", file=sys.stderr)
                     continue
                 key = None
                 if key_field:
                     v = obj.get(key_field) if isinstance(obj, dict) else None
                     if v is not None:
                         key = v.encode() if isinstance(v, str) else orjson.dumps(v)
+                    else:
+                        if not counts["missing_key_field"]:
+                            print(f"line {lineno}: no field {key_field!r}; sent with a null key (lines like it "
+                                  "are counted in the summary)", file=sys.stderr)
+                        counts["missing_key_field"] += 1
                 counts["sent"] += 1
                 futures.append(await producer.send(args.type, line, key=key))
         await producer.flush(args.timeout)
@@ -118,6 +136,7 @@ async def _produce(args: argparse.Namespace) -> int:
         "rejected": rejected,
         "unacknowledged": counts["unacknowledged"],
         "invalid_json": counts["invalid_json"],
+        "missing_key_field": counts["missing_key_field"],
     }
     if args.json:
         print(orjson.dumps(summary).decode())
@@ -128,7 +147,9 @@ async def _produce(args: argparse.Namespace) -> int:
         if counts["unacknowledged"]:
             text += f", {counts['unacknowledged']} not acknowledged (send them again)"
         if counts["invalid_json"]:
-            text += f", skipped {counts['invalid_json']} lines that are not JSON"
+            text += f", skipped {plural(counts['invalid_json'], 'line')} that {'is' if counts['invalid_json'] == 1 else 'are'} not JSON"
+        if counts["missing_key_field"]:
+            text += f", {counts['missing_key_field']} without {key_field!r} (null key)"
         print(text)
     if interrupted.is_set():
         return 130
@@ -141,13 +162,15 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    pr = sub.add_parser("produce", help="send JSON lines from stdin as events of one type")
+    pr = command(sub, "produce", help="send JSON lines from stdin as events of one type")
     pr.add_argument("--type", required=True, help="event type")
     pr.add_argument("--server", default=DEFAULT_LISTEN, help=f"gateway HOST:PORT[,HOST:PORT...] (default {DEFAULT_LISTEN})")
     pr.add_argument("--key-field", help="use this JSON field of each line as the partition key")
     pr.add_argument("--client-id", default=None)
     pr.add_argument("--linger-ms", type=float, default=5.0)
-    pr.add_argument("--connect-timeout", type=float, default=10.0, help="give up if no connection within (s)")
+    pr.add_argument("--connect-timeout", type=float, default=None,
+                    help="keep trying to connect this long (s); by default give up at once when no gateway "
+                    f"listens, and after {_CONNECT_WAIT_S:.0f}s when one does not answer")
     pr.add_argument("--json", action="store_true", help="print the summary as JSON")
     pr.add_argument("--timeout", type=float, default=300.0, help="give up waiting for acks after this long (s)")
     pr.add_argument("--token", help="producer token (default: $EVENTBROKER_TOKEN; the variable keeps it out of "

@@ -6,8 +6,8 @@ import argparse
 import asyncio
 import os
 
-from eventbroker.cli.base import DEFAULT_CONFIG, config_path, run
-from eventbroker.config import load_config, with_overrides
+from eventbroker.cli.base import DEFAULT_CONFIG, command, config_path, run
+from eventbroker.config import DEFAULT_ADMIN_LISTEN, DEFAULT_EMBEDDED_PORT, load_config, with_overrides
 from eventbroker.errors import ConfigError, EventBrokerError
 from eventbroker.ops.daemon import Daemon
 from eventbroker.ops.supervisor import run_supervisor
@@ -25,7 +25,9 @@ def _usable_cores() -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     path = config_path(args.config)
-    overrides = {k: v for k, v in (("listen", args.listen), ("kafka", args.kafka), ("sink", args.sink)) if v is not None}
+    overrides = {k: v for k, v in (("listen", args.listen), ("kafka", args.kafka), ("sink", args.sink),
+                                   ("admin_listen", args.admin_listen), ("embedded_port", args.embedded_port))
+                 if v is not None}
     cfg = with_overrides(load_config(path), **overrides)
     if args.worker_of is not None and os.getppid() != args.worker_of:
         raise EventBrokerError("worker: its supervisor is gone")  # died before PDEATHSIG was set
@@ -45,10 +47,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    s = sub.add_parser("serve", help="run the daemon")
+    s = command(sub, "serve", help="run the daemon")
     s.add_argument("--config", help=f"TOML config file (default: {DEFAULT_CONFIG} if present)")
     s.add_argument("--listen", help=f"HOST:PORT to accept producers on (default {DEFAULT_LISTEN})")
+    s.add_argument("--admin-listen", help=f"HOST:PORT of /metrics, /healthz and /readyz (default "
+                   f"{DEFAULT_ADMIN_LISTEN}; \"\" turns them off)")
     s.add_argument("--kafka", help="Kafka bootstrap servers; without it an embedded development broker is started")
+    s.add_argument("--embedded-port", type=int, help=f"port of the embedded development broker (default "
+                   f"{DEFAULT_EMBEDDED_PORT})")
     s.add_argument("--sink", choices=["kafka", "null"], help="override [kafka] sink (null: discard, for benchmarks)")
     s.add_argument("--workers", type=int, help="worker processes sharing the port (default: server.workers, "
                    "else one per core); a supervisor restarts them, reloads them on SIGHUP and replaces them "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import orjson
 
-from eventbroker.cli.base import config_path
+from eventbroker.cli.base import command, config_path
 from eventbroker.config import Config, load_config
 from eventbroker.errors import SpoolLocked, UsageError
 from eventbroker.spool.layout import all_type_dirs
@@ -107,10 +107,10 @@ def cmd_spool_replay(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def add_parser(sub) -> None:
-    sp = sub.add_parser("spool", help="inspect, repair or deliver a disk spool offline")
+    sp = command(sub, "spool", help="inspect, repair or deliver a disk spool offline")
     ssub = sp.add_subparsers(dest="spool_command", required=True)
-    c = ssub.add_parser("check", help="verify every record; with --repair truncate torn or damaged tails")
-    r = ssub.add_parser("replay", help="deliver everything a spool holds to Kafka, then exit")
+    c = command(ssub, "check", help="verify every record; with --repair truncate torn or damaged tails")
+    r = command(ssub, "replay", help="deliver everything a spool holds to Kafka, then exit")
     for x in (c, r):
         x.add_argument("--config", help="config file (its [spool] dir, types and Kafka)")
         x.add_argument("--dir", help="spool directory (default: [spool] dir of the config)")

@@ -12,7 +12,7 @@ from collections import defaultdict
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from eventbroker.cli.base import config_path
+from eventbroker.cli.base import command, config_path
 from eventbroker.config import DEFAULT_ADMIN_LISTEN, load_config
 
 _COUNTERS = ("eventbroker_events_received_total", "eventbroker_events_persisted_total",
@@ -103,7 +103,7 @@ def cmd_status(args: argparse.Namespace, config_path: str | None) -> int:
 
 
 def add_parser(sub) -> None:
-    st = sub.add_parser("status", help="live per-type table (rates, buffer fill, rejects) of a running daemon")
+    st = command(sub, "status", help="live per-type table (rates, buffer fill, rejects) of a running daemon")
     st.add_argument("--admin", help=f"the daemon's admin address (default: the config's server.admin_listen, "
                     f"else {DEFAULT_ADMIN_LISTEN})")
     st.add_argument("--config", help="config file, for server.admin_listen")

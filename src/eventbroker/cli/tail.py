@@ -8,7 +8,7 @@ import sys
 
 import orjson
 
-from eventbroker.cli.base import config_path, run
+from eventbroker.cli.base import command, config_path, run
 from eventbroker.config import DEFAULT_EMBEDDED_PORT, load_config, resolve_types
 from eventbroker.kafka.reader import open_topic
 from eventbroker.protocol import HEADER_EVENT_ID, HEADER_EVENT_TYPE
@@ -81,7 +81,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    t = sub.add_parser("tail", help="print the events in one type's topic")
+    t = command(sub, "tail", help="print the events in one type's topic")
     t.add_argument("--type", required=True, help="event type")
     t.add_argument("--config", help="config file, for the type's topic and the Kafka address")
     t.add_argument("--kafka", help=f"Kafka bootstrap servers (default: config, else 127.0.0.1:{DEFAULT_EMBEDDED_PORT})")

@@ -8,6 +8,7 @@ import sys
 
 import orjson
 
+from eventbroker.cli.base import command
 from eventbroker.errors import ConfigError
 from eventbroker.security.tokens import create_token
 
@@ -27,9 +28,9 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    tk = sub.add_parser("token", help="producer tokens")
+    tk = command(sub, "token", help="producer tokens")
     tsub = tk.add_subparsers(dest="token_command", required=True)
-    tc = tsub.add_parser("create", help="print a new token for a producer, and the config lines to add")
+    tc = command(tsub, "create", help="print a new token for a producer, and the config lines to add")
     tc.add_argument("name", help="the producer's name (letters, digits, _ and -)")
     tc.add_argument("--types", default="", help="event types it may send, comma separated (names or patterns)")
     tc.set_defaults(func=cmd_token_create)

@@ -12,6 +12,7 @@ back-off hint, and everything unacknowledged is sent again after a reconnect
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
 import os
@@ -47,6 +48,15 @@ from eventbroker.protocol import (
 log = logging.getLogger("eventbroker.client")
 
 _FATAL_CODES = {ErrorCode.BAD_HANDSHAKE, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.AUTH_FAILED}
+
+
+def _refused(e: BaseException) -> bool:
+    """Nothing listens there: connection refused (on every address a host name resolved to)."""
+    if isinstance(e, ConnectionRefusedError) or getattr(e, "errno", None) == errno.ECONNREFUSED:
+        return True
+    # asyncio joins the errors of several addresses (localhost: ::1 and 127.0.0.1) into one OSError
+    msg = str(e)
+    return msg.startswith("Multiple exceptions") and msg.count("[Errno") == msg.count(f"[Errno {errno.ECONNREFUSED}]")
 
 
 class Producer:
@@ -115,6 +125,8 @@ class Producer:
         self._conn_failures = 0
         self._last_conn_error = ""
         self._connected = asyncio.Event()
+        self._all_refused = asyncio.Event()  # every address refused in a row (nothing listens)
+        self._refused_in_a_row = 0
         self.stats = {"sent": 0, "persisted": 0, "rejected": 0, "retried": 0, "resent_after_reconnect": 0,
                       "connect_failures": 0}
 
@@ -206,12 +218,20 @@ class Producer:
         self._append(ev)
         return fut
 
-    async def wait_connected(self, timeout_s: float) -> None:
-        """Wait until a connection is up; ``ConnectionError`` with the last reason if not in time."""
+    async def wait_connected(self, timeout_s: float | None, *, until_refused: bool = False) -> None:
+        """Wait until a connection is up; ``ConnectionError`` with the last reason
+        if not within ``timeout_s``. With ``until_refused`` give up as soon as
+        every address has refused a connection (nothing listens there)."""
+        waits = [asyncio.ensure_future(self._connected.wait())]
+        if until_refused:
+            waits.append(asyncio.ensure_future(self._all_refused.wait()))
         try:
-            await asyncio.wait_for(self._connected.wait(), timeout_s)
-        except TimeoutError:
-            raise ConnectionError(f"cannot connect to {self._last_conn_error or 'any server'}") from None
+            done, _ = await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if not self._connected.is_set():
+            raise ConnectionError(f"cannot connect to {self._last_conn_error or 'any server'}")
         if self._fatal is not None:
             raise self._fatal
 
@@ -408,6 +428,9 @@ class Producer:
                 self._last_conn_error = f"{host}:{port}: {e or type(e).__name__}"
                 if not self._conn_failures:
                     log.warning("cannot connect to %s", self._last_conn_error)
+                self._refused_in_a_row = self._refused_in_a_row + 1 if _refused(e) else 0
+                if self._refused_in_a_row >= len(self._servers):
+                    self._all_refused.set()
                 conn = None
             if conn is None:
                 self._conn_failures += 1
@@ -422,6 +445,8 @@ class Producer:
             if self._conn_failures:
                 log.info("connected to %s:%s after %d failed attempts", *self._servers[self._server_idx % len(self._servers)], self._conn_failures)
             self._conn_failures = 0
+            self._refused_in_a_row = 0
+            self._all_refused.clear()
             delay = self._backoff[0] / 1000
             self._conn = conn
             self._connected.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import typing
 from pathlib import Path
 
 import msgspec
@@ -13,6 +14,32 @@ from eventbroker.config.registry import resolve_types
 from eventbroker.config.schema import TYPE_NAME_PATTERN, AuthProducer, Config, EventTypeConfig
 from eventbroker.errors import ConfigError
 from eventbroker.protocol import parse_host_port
+
+
+def _unwrap(tp: typing.Any) -> list[typing.Any]:
+    """The types a field may hold: Optional, unions and Annotated taken apart."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(tp)[0])
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return [t for arg in typing.get_args(tp) for t in _unwrap(arg)]
+    return [tp]
+
+
+def choices(key: str) -> list[str]:
+    """The allowed values of an enum-like key (``types.<name>.priority``), from the Structs."""
+    tps: list[typing.Any] = [Config]
+    for part in key.split("."):
+        nxt: list[typing.Any] = []
+        for tp in tps:
+            if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+                hint = typing.get_type_hints(tp, include_extras=True).get(part)
+                if hint is not None:
+                    nxt += _unwrap(hint)
+            elif typing.get_origin(tp) is dict:
+                nxt += _unwrap(typing.get_args(tp)[1])  # ``part`` is an entry's name
+        tps = nxt
+    return [repr(v) for tp in tps if typing.get_origin(tp) is typing.Literal for v in typing.get_args(tp)]
 
 
 def _explain(exc: msgspec.ValidationError, prefix: str = "") -> str:
@@ -30,6 +57,8 @@ def _explain(exc: msgspec.ValidationError, prefix: str = "") -> str:
     field = re.match(r"(\w+): (.*)$", what)  # raised by __post_init__ as "<field>: <reason>"
     if field:
         key, what = f"{key}.{field.group(1)}", field.group(2)
+    if what.startswith("Invalid enum value") and choices(key):
+        what += f"; expected one of {', '.join(choices(key))}"
     return f"key '{key}': {what}" if key else what
 
 
@@ -79,20 +108,29 @@ def load_config(path: str | Path | None) -> Config:
 
 
 def with_overrides(
-    cfg: Config, *, listen: str | None = None, kafka: str | None = None, sink: str | None = None
+    cfg: Config, *, listen: str | None = None, kafka: str | None = None, sink: str | None = None,
+    admin_listen: str | None = None, embedded_port: int | None = None,
 ) -> Config:
     """Apply command-line overrides, validated like the file."""
     server, kafka_cfg = cfg.server, cfg.kafka
+    for flag, value in (("--listen", listen), ("--admin-listen", admin_listen or None)):
+        if value is not None:
+            try:
+                parse_host_port(value)
+            except ValueError as e:
+                raise ConfigError(f"{flag}: {e}") from None
     if listen is not None:
-        try:
-            parse_host_port(listen)
-        except ValueError as e:
-            raise ConfigError(f"--listen: {e}") from None
         server = msgspec.structs.replace(server, listen=listen)
+    if admin_listen is not None:  # "" turns the admin endpoint off
+        server = msgspec.structs.replace(server, admin_listen=admin_listen)
     if kafka is not None:
         kafka_cfg = msgspec.structs.replace(kafka_cfg, bootstrap_servers=kafka)
     if sink is not None:
         if sink not in ("kafka", "null"):
             raise ConfigError(f"--sink: {sink!r} is not 'kafka' or 'null'")
         kafka_cfg = msgspec.structs.replace(kafka_cfg, sink=sink)
+    if embedded_port is not None:
+        if not 0 <= embedded_port <= 65535:
+            raise ConfigError(f"--embedded-port: {embedded_port} is not a port number")
+        kafka_cfg = msgspec.structs.replace(kafka_cfg, embedded_port=embedded_port)
     return msgspec.structs.replace(cfg, server=server, kafka=kafka_cfg)

@@ -37,7 +37,7 @@ from eventbroker.kafka.slots import PrioritySlots
 from eventbroker.kafka.writer import TopicWriter, WriterStats, drain_until
 from eventbroker.protocol import Reason
 
-log = logging.getLogger("eventbroker.lane")
+log = logging.getLogger("eventbroker.router")  # the name the lanes have always logged under
 
 
 class Unit:
@@ -142,6 +142,11 @@ class Lane:
     @property
     def acks_without_kafka(self) -> bool:
         """Whether this type's producers are acknowledged while Kafka is away."""
+        return False
+
+    @property
+    def holds_spool(self) -> bool:
+        """Whether the lane holds a spool directory (nobody else may deliver it)."""
         return False
 
     def snapshot(self) -> LaneSnapshot:
@@ -249,20 +254,12 @@ class Lane:
             return
         # The shared request slots: when Kafka is slow, the most
         # important types' units are sent first.
-        try:
-            await requests.acquire(self.priority_rank)
-        except BaseException:
-            self._slots.release()
-            raise
+        await self.writer.take_request_slot(self._slots)
         if unit.done:  # shed while we waited: its events were handed back
             requests.release()
             self._slots.release()
             return
-        t = asyncio.get_running_loop().create_task(self._deliver(unit))
-        self._sends.add(t)
-        # Released here, not in _deliver: a task cancelled before its
-        # first step never runs its own finally clause.
-        t.add_done_callback(self._send_done)
+        self.writer.launch(self._deliver(unit), self._slots, self._sends)
 
     async def _take_unit(self) -> Unit | None:
         if not await self.writer.ensure_partitions(self._metadata_failed):
@@ -306,11 +303,6 @@ class Lane:
         except Exception:  # a bug: hand the type's events back rather than stall it
             log.exception("type %s: delivery failed unexpectedly", self.etype.name)
             self.shed("internal error while delivering")
-
-    def _send_done(self, task: asyncio.Task[None]) -> None:
-        self._sends.discard(task)
-        self._slots.release()
-        self.writer.requests.release()
 
     def _finish(self, unit: Unit) -> None:
         if unit.done:
@@ -409,11 +401,12 @@ class Lane:
             self.writer.failed(why)
             self._shed_backoff_s = self.writer.next_backoff_s(self._shed_backoff_s)
             return
-        log.info("type %s: %s; accepting events", self.etype.name, self._probe_passed)
+        log.info("type %s: %s; accepting events", self.etype.name, self._probe_passed())
         self.state = LaneState.PROBING
         self.ring.accepting = True
 
-    _probe_passed = "its topic answers again"
+    def _probe_passed(self) -> str:
+        return f"topic {self.etype.topic} answers again"
 
     async def _probe_problem(self) -> str:
         """Why the type still cannot take events; empty when it can."""

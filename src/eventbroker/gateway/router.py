@@ -72,8 +72,9 @@ class Router:
         self._by_name: dict[bytes, Lane] = {}
         self._sink = sink
         self._make = lanes
-        # Removed types still delivering what they hold: name -> (lane, task).
-        self._retiring: dict[str, tuple[Lane, asyncio.Task[None]]] = {}
+        # Removed types still delivering what they hold, oldest first (a name
+        # removed, added back as a new lane and removed again is here twice).
+        self._retiring: list[tuple[Lane, asyncio.Task[None]]] = []
         made = self._make_lanes(types.values(), kcfg)
         for name, lane in made.items():
             self._add(name, lane, server_cfg)
@@ -154,9 +155,10 @@ class Router:
     def budget_limit_bytes(self) -> int:
         return self._budget.limit_bytes
 
-    def owned_type_names(self) -> set[str]:
-        """Types this router has a lane for, retiring ones included."""
-        return set(self.lanes) | set(self._retiring)
+    def spooled_type_names(self) -> set[str]:
+        """Types whose spool directory a lane of this router holds, retiring ones included."""
+        lanes = [*self.lanes.values(), *(lane for lane, _ in self._retiring)]
+        return {lane.etype.name for lane in lanes if lane.holds_spool}
 
     def accepts_without_kafka(self) -> bool:
         """Whether some type is acknowledged (and accepting) while Kafka is away."""
@@ -170,10 +172,9 @@ class Router:
             lane.start()
 
     async def stop(self, deadline: float) -> None:
-        retiring = [task for _, task in self._retiring.values()]
+        retiring = list(self._retiring)
         await asyncio.gather(*(lane.stop(deadline) for lane in self.lanes.values()),
-                             *(lane.stop(deadline) for lane, _ in self._retiring.values()), *retiring,
-                             return_exceptions=False)
+                             *(lane.stop(deadline) for lane, _ in retiring), *(task for _, task in retiring))
 
     def reconfigure(self, types: dict[str, EventType], kcfg: KafkaConfig, server_cfg: ServerConfig,
                     spool_cfg: SpoolConfig) -> list[str]:
@@ -190,9 +191,9 @@ class Router:
         for name, et in types.items():
             if name in self.lanes:
                 continue
-            retiring = self._retiring.get(name)
-            if retiring is not None and retiring[0].can_come_back(et):
-                back[name] = retiring[0]  # removed, still delivering its spool: it comes back as it is
+            retiring = [lane for lane, _ in self._retiring if lane.etype.name == name]
+            if retiring and retiring[-1].can_come_back(et):
+                back[name] = retiring[-1]  # removed, still delivering its spool: it comes back as it is
             else:
                 new_types.append(et)
         added = self._make_lanes(new_types, kcfg)
@@ -205,7 +206,9 @@ class Router:
         for name, et in types.items():
             lane = self.lanes.get(name)
             if lane is None and name in back:
-                lane, task = self._retiring.pop(name)
+                lane = back[name]
+                task = next(t for ln, t in self._retiring if ln is lane)
+                self._retiring.remove((lane, task))
                 task.cancel()  # it keeps its spool, its forwarder and its tasks
                 self._add(name, lane, server_cfg)
                 lane.update(et, kcfg, budget, spool_cfg)
@@ -229,14 +232,13 @@ class Router:
             lane = self.lanes.pop(name)
             self._by_name.pop(lane.ring.name_bytes, None)
             self._splitter.remove(name)
-            task = asyncio.get_running_loop().create_task(self._retire(name, lane, deadline))
-            self._retiring[name] = (lane, task)
+            task = asyncio.get_running_loop().create_task(self._retire(lane, deadline))
+            self._retiring.append((lane, task))
             changes.append(f"removed type {name}")
         return changes
 
-    async def _retire(self, name: str, lane: Lane, deadline: float) -> None:
+    async def _retire(self, lane: Lane, deadline: float) -> None:
         try:
             await lane.retire(deadline)
         finally:
-            if self._retiring.get(name, (None,))[0] is lane:
-                del self._retiring[name]
+            self._retiring = [(ln, t) for ln, t in self._retiring if ln is not lane]

@@ -11,6 +11,7 @@ from eventbroker.config import AuthConfig, LimitsConfig, ServerConfig, TlsConfig
 from eventbroker.config.schema import default_server_id
 from eventbroker.gateway.connection import TOO_MANY_FAILURES, Connection, ConnectionStats
 from eventbroker.gateway.router import Router
+from eventbroker.kafka.writer import drain_until
 from eventbroker.protocol import ErrorCode, parse_host_port
 from eventbroker.security.policy import Security
 from eventbroker.security.tls import is_loopback
@@ -133,9 +134,7 @@ class IngestServer:
             self._server.close()
         for conn in list(self._conns):
             conn.send_goaway()
-        # Ring fill is a counter kept in C; polling it only happens while stopping.
-        while not self.router.idle and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
+        await drain_until(lambda: self.router.idle, deadline, lambda: None)
 
     async def close(self, grace_s: float = 2.0) -> None:
         for conn in list(self._conns):

@@ -114,8 +114,9 @@ class EmbeddedKafka:
     def start(self, timeout_s: float = 30.0) -> EmbeddedKafka:
         if not port_is_free(self.host, self.port):
             raise RuntimeError(
-                f"cannot start the embedded broker: {self.host}:{self.port} is already in use "
-                "(another eventbroker or Kafka?); set [kafka] embedded_port, or --kafka HOST:PORT to use that one"
+                f"cannot start the embedded broker on {self.host}:{self.port}: the address is already in use by "
+                "another process (another eventbroker or Kafka?); set kafka.embedded_port in the config or "
+                "--embedded-port to use another, or --kafka HOST:PORT to use the broker already there"
             )
         url = f"tcp://{self.host}:{self.port}"
         cmd = [

@@ -29,7 +29,7 @@ from eventbroker.errors import ConfigError
 from eventbroker.kafka.errors import ErrorClass, ProduceFailed, classify, error_name
 from eventbroker.kafka.produce import NativeProduceRequest, encode_produce_body
 
-log = logging.getLogger("eventbroker.kafka")
+log = logging.getLogger("eventbroker.sinks")  # the name the sink has always logged under
 
 # (partition, record batch bytes, record count)
 KafkaBatch = tuple[int, bytes, int]

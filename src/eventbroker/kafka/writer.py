@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from eventbroker import _fastpath as fp
 from eventbroker.config import PRIORITY_ORDER, EventType, KafkaConfig
@@ -40,7 +41,13 @@ class WriterStats:
 
 class TopicWriter:
     def __init__(self, etype: EventType, sink: Sink, kcfg: KafkaConfig, requests: PrioritySlots,
-                 stats: WriterStats, log: logging.Logger, retry_note: str = "retrying") -> None:
+                 stats: WriterStats, log: logging.Logger, retry_note: str = "retrying", *,
+                 spool_forwarder: bool = False) -> None:
+        """``spool_forwarder``: the spool's forwarder builds batches per record
+        and looks the partitions up again after a failed send, and counts only
+        failed sends in ``stats.send_failures``; a lane keeps the partition
+        count until it sheds (a brief metadata gap while a send is retried must
+        not make it give the type up) and counts failed metadata look-ups too."""
         self.etype = etype
         self.sink = sink
         self.kcfg = kcfg  # a reload may replace it
@@ -52,6 +59,8 @@ class TopicWriter:
         self._sticky = 0
         self._log = log
         self._retry_note = retry_note
+        self._recheck = spool_forwarder
+        self._count_metadata = not spool_forwarder
         self._last_log = 0.0
 
     @property
@@ -80,7 +89,7 @@ class TopicWriter:
                 self.partitions = await self.sink.partitions(self.topic)
                 self.metadata_failing_since = 0.0
             except Exception as e:  # broker down, topic missing
-                self.failed(f"metadata for {self.topic}: {e!r}")
+                self.failed(f"metadata for {self.topic}: {e!r}", count=self._count_metadata)
                 if not self.metadata_failing_since:
                     self.metadata_failing_since = time.monotonic()
                 if give_up(e):
@@ -108,13 +117,18 @@ class TopicWriter:
             self.produce_seconds.observe(time.monotonic() - t0)
 
     async def send_retrying(self, batches: list[KafkaBatch], stop_on: Callable[[ProduceFailed], bool], *,
-                            slot_per_attempt: bool = False) -> ProduceFailed | None:
+                            slot_per_attempt: bool = False, backoff_first: bool = False) -> ProduceFailed | None:
         """Send until Kafka has every batch (None), backing off exponentially;
         returns the error when ``stop_on`` says no retry can help. With
         ``slot_per_attempt`` each attempt takes a produce-request slot of its
-        own (else the caller holds one for the whole delivery)."""
+        own (else the caller holds one for the whole delivery); with
+        ``backoff_first`` the first attempt waits too (a send already failed)."""
         backoff = self.first_backoff_s()
         while True:
+            if backoff_first:
+                await asyncio.sleep(backoff)
+                backoff = self.next_backoff_s(backoff)
+            backoff_first = True
             if slot_per_attempt:
                 await self.requests.acquire(self.rank)
             try:
@@ -129,19 +143,45 @@ class TopicWriter:
             finally:
                 if slot_per_attempt:
                     self.requests.release()
-            await asyncio.sleep(backoff)
-            backoff = self.next_backoff_s(backoff)
 
     def send_failed(self, e: Exception) -> None:
-        self.partitions = 0  # the topic may have changed: look it up again
+        if self._recheck:
+            self.partitions = 0  # the topic may have changed: look it up again
         self.failed(f"produce to {self.topic} failed: {e!r}")
+
+    # the units in flight
+
+    async def take_request_slot(self, own_slots: asyncio.Semaphore) -> None:
+        """The shared produce-request slot, by priority; on failure the owner's
+        own (per type) slot, already taken, is given back."""
+        try:
+            await self.requests.acquire(self.rank)
+        except BaseException:
+            own_slots.release()
+            raise
+
+    def launch(self, coro: Coroutine[Any, Any, None], own_slots: asyncio.Semaphore,
+               sends: set[asyncio.Task[None]]) -> None:
+        """Run one send holding both slots; they are given back when it ends,
+        however it ends (in a done callback: a task cancelled before its first
+        step never runs its own finally clause)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        sends.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            sends.discard(t)
+            own_slots.release()
+            self.requests.release()
+
+        task.add_done_callback(done)
 
     # failures and recovery
 
-    def failed(self, what: str) -> None:
-        """Count a failure and log it at a bounded rate."""
+    def failed(self, what: str, count: bool = True) -> None:
+        """Log a failure at a bounded rate; ``count`` it as a failed send."""
         stats = self.stats
-        stats.send_failures += 1
+        if count:
+            stats.send_failures += 1
         now = time.monotonic()
         since = now - self._last_log
         if (what != stats.last_error and since > _LOG_CHANGED_EVERY_S) or since > _LOG_SAME_EVERY_S:

@@ -21,6 +21,7 @@ from eventbroker.gateway.server import IngestServer
 from eventbroker.kafka.embedded import EmbeddedKafka
 from eventbroker.kafka.errors import KafkaError
 from eventbroker.kafka.sink import KafkaSink, NullSink, Sink
+from eventbroker.ops.addresses import ADMIN, PRODUCERS, PortLock, bind_failed
 from eventbroker.ops.admin_http import AdminServer, Handler
 from eventbroker.ops.metrics import DaemonMetrics
 from eventbroker.protocol import parse_host_port
@@ -80,10 +81,15 @@ class Daemon:
         self.adopter: SpoolAdopter | None = None
         self._adopter_task: asyncio.Task | None = None
         self._sink_task: asyncio.Task | None = None
+        self._port_lock: PortLock | None = None
 
     async def start(self) -> None:
         kcfg = self.cfg.kafka
         _raise_nofile_limit()
+        if self.control_socket is None:  # a worker's supervisor holds the port's lock
+            listen = self.cfg.server.listen
+            self._port_lock = PortLock(listen, parse_host_port(listen)[1])
+            self._port_lock.acquire()
         if not self.types:
             log.warning(
                 "no event types configured: every event will be rejected as unknown_type. "
@@ -119,7 +125,10 @@ class Daemon:
             self._start_adopter()
             self.security = Security(self.cfg.tls, self.cfg.auth, self.cfg.limits, self.types)
             self.server = IngestServer(self.cfg.server, self.router, self.security)
-            await self.server.start(reuse_port=self.reuse_port)
+            try:
+                await self.server.start(reuse_port=self.reuse_port)
+            except OSError as e:
+                raise bind_failed(PRODUCERS, self.cfg.server.listen, e) from None
             await self._start_admin()
         except BaseException:
             await self.stop()
@@ -175,7 +184,7 @@ class Daemon:
         assert self.router is not None and self.sink is not None and self.lanes is not None
         router, lanes = self.router, self.lanes
         self.adopter = SpoolAdopter(
-            self.cfg.spool.resolved_dir(), lambda: lanes.root, router.owned_type_names,
+            self.cfg.spool.resolved_dir(), lambda: lanes.root, router.spooled_type_names,
             self.sink, self.cfg.kafka, self.cfg.defaults, router.requests, self.cfg.spool.segment_bytes,
             self.cfg.spool.fsync, known=lambda: self.types)
         self._adopter_task = asyncio.get_running_loop().create_task(self.adopter.run())
@@ -190,7 +199,10 @@ class Daemon:
         elif self.cfg.server.admin_listen:
             host, port = parse_host_port(self.cfg.server.admin_listen)
             self.admin = AdminServer(routes)
-            await self.admin.start_tcp(host, port)
+            try:
+                await self.admin.start_tcp(host, port)
+            except OSError as e:
+                raise bind_failed(ADMIN, self.cfg.server.admin_listen, e) from None
 
     # admin endpoints
 
@@ -246,15 +258,17 @@ class Daemon:
             log.error("%s", msg)
             return False, msg
         assert self.router is not None and self.server is not None
+        if self.lanes is not None:
+            self.lanes.cfg = new.spool  # spooled types added by this reload
         try:
             changes = self.router.reconfigure(resolve_types(new), new.kafka, new.server, new.spool)
         except SpoolError as e:
+            if self.lanes is not None:
+                self.lanes.cfg = self.cfg.spool
             msg = f"config reload failed: {e}"
             log.error("%s", msg)
             return False, msg
         self.metrics.attach(self.router.lanes)
-        if self.lanes is not None:
-            self.lanes.cfg = new.spool
         self.server.cfg = new.server  # new connections get the new frame limits
         self.security.replace(new.auth, new.limits, resolve_types(new))
         self.server.reconfigured()
@@ -300,6 +314,8 @@ class Daemon:
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None
+        if self._port_lock is not None:
+            self._port_lock.release()
         log.info("eventbroker stopped")
 
     async def run_until_signalled(self) -> None:

@@ -83,3 +83,8 @@ def setup_logging(verbose: bool = False, fmt: str = "auto") -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.getLogger("aiokafka").setLevel(logging.WARNING)
+
+
+def plural(n: int, word: str) -> str:
+    """``1 worker``, ``2 workers``."""
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"

@@ -45,7 +45,9 @@ from eventbroker.config import Config, load_config, reload_blockers, with_overri
 from eventbroker.errors import ConfigError, UsageError
 from eventbroker.kafka.embedded import EmbeddedKafka
 from eventbroker.ops import sdnotify
+from eventbroker.ops.addresses import ADMIN, PortLock, bind_failed, check_bindable
 from eventbroker.ops.admin_http import AdminServer, Handler, http_request
+from eventbroker.ops.logs import plural
 from eventbroker.protocol import parse_host_port
 
 log = logging.getLogger("eventbroker.supervisor")
@@ -119,9 +121,19 @@ class Supervisor:
     # lifecycle
 
     async def run(self) -> int:
-        _, port = parse_host_port(self.cfg.server.listen)
+        listen = self.cfg.server.listen
+        host, port = parse_host_port(listen)
         if port == 0:
             raise UsageError("serve --workers needs a fixed server.listen port (the workers share it)")
+        lock = PortLock(listen, port)
+        lock.acquire()  # one gateway per port: before anything binds or starts
+        try:
+            check_bindable(host, port, listen)
+            return await self._run()
+        finally:
+            lock.release()
+
+    async def _run(self) -> int:
         kcfg = self.cfg.kafka
         if kcfg.sink == "kafka" and not kcfg.bootstrap_servers and "kafka" not in self.overrides:
             self.embedded = EmbeddedKafka(port=kcfg.embedded_port)
@@ -150,9 +162,9 @@ class Supervisor:
                 if not await self._wait_listening(gen, _START_TIMEOUT_S):
                     raise UsageError("workers did not start; see their log lines above")
             health = loop.create_task(self._check_health())
-            log.info("eventbroker ready: %d workers on %s (started in %.1fs)%s", self.n, self.cfg.server.listen,
+            log.info("eventbroker ready: %s on %s (started in %.1fs)%s", plural(self.n, "worker"), self.cfg.server.listen,
                      time.monotonic() - t0, f", admin on {self.admin.address}" if self.admin else "")
-            sdnotify.notify("READY=1", f"STATUS=serving with {self.n} workers on {self.cfg.server.listen}")
+            sdnotify.notify("READY=1", f"STATUS=serving with {plural(self.n, 'worker')} on {self.cfg.server.listen}")
             interval = sdnotify.watchdog_interval_s()
             if interval:
                 watchdog = loop.create_task(self._watchdog(interval))
@@ -160,7 +172,9 @@ class Supervisor:
         finally:
             self.stopping = True
             sdnotify.notify("STOPPING=1", "STATUS=draining")
-            log.info("signal received: draining %d workers", len(self.workers))
+            if self.workers:
+                why = "signal received" if self._stop.is_set() else "stopping"
+                log.info("%s: draining %s", why, plural(len(self.workers), "worker"))
             for t in (watchdog, health):
                 if t is not None:
                     t.cancel()
@@ -328,8 +342,7 @@ class Supervisor:
 
     def _load(self) -> Config | None:
         try:
-            return with_overrides(load_config(self.config_path), **{k: v for k, v in self.overrides.items()
-                                                                   if k in ("listen", "kafka", "sink")})
+            return with_overrides(load_config(self.config_path), **self.overrides)
         except ConfigError as e:
             log.error("config reload refused, the running config stays in force: %s", e)
             return None
@@ -368,7 +381,7 @@ class Supervisor:
             for w, r in zip(live, results, strict=True):
                 if r == "applied":
                     w.version = self.version
-            log.info("config reloaded by %d workers", results.count("applied"))
+            log.info("config reloaded by %s", plural(results.count("applied"), "worker"))
             await self._bring_up_to_date()
             return True
         # A worker refused: the ones that applied it go back to the config in force.
@@ -425,7 +438,7 @@ class Supervisor:
             candidate = self._candidate()
             old = [w for w in self.workers if not w.retiring]
             t0 = time.monotonic()
-            log.info("replacing %d workers: starting generation %d", len(old), self.generation + 1)
+            log.info("replacing %s: starting generation %d", plural(len(old), "worker"), self.generation + 1)
             sdnotify.notify("STATUS=replacing workers")
             new = await self._start_generation(candidate)
             if not await self._wait_listening(new, _START_TIMEOUT_S):
@@ -444,7 +457,7 @@ class Supervisor:
             self.restarts_done += 1
             log.info("workers replaced: generation %d listening after %.2fs, the old one drained and exited "
                      "after %.2fs", self.generation, ready_s, self.last_swap_s)
-            sdnotify.notify(f"STATUS=serving with {self.n} workers (generation {self.generation})")
+            sdnotify.notify(f"STATUS=serving with {plural(self.n, 'worker')} (generation {self.generation})")
             return True
 
     # admin endpoints
@@ -456,7 +469,10 @@ class Supervisor:
         routes: dict[tuple[str, str], Handler] = {("GET", "/metrics"): self._metrics, ("GET", "/healthz"): self._healthz,
                   ("GET", "/readyz"): self._readyz}
         self.admin = AdminServer(routes)
-        await self.admin.start_tcp(host, port)
+        try:
+            await self.admin.start_tcp(host, port)
+        except OSError as e:
+            raise bind_failed(ADMIN, self.cfg.server.admin_listen, e) from None
 
     async def _healthz(self, _b: bytes) -> tuple[int, str, bytes]:
         live = len(self._live())

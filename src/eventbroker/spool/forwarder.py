@@ -66,7 +66,7 @@ class Forwarder:
         self.etype = etype
         self.stats = ForwarderStats()
         self.writer = TopicWriter(etype, sink, kcfg, requests or PrioritySlots(kcfg.max_inflight_requests),
-                                  self.stats, log, "the spool keeps the events and retries")
+                                  self.stats, log, "the spool keeps the events and retries", spool_forwarder=True)
         self._reader = ThreadPoolExecutor(1, thread_name_prefix=f"spool-read:{etype.name}")
         self._scratch = fp.TypeRing(etype.name, capacity_bytes=_HUGE, max_event_bytes=etype.max_event_bytes,
                                     by_key=etype.partitioning == "key")
@@ -184,21 +184,10 @@ class Forwarder:
             self._slots.release()
             await self._recover()
             await self._slots.acquire()
-        try:
-            await writer.requests.acquire(writer.rank)
-        except BaseException:
-            self._slots.release()
-            raise
+        await writer.take_request_slot(self._slots)
         item = _Item(start, end, n_events, batches)
         self._inflight.append(item)
-        t = asyncio.get_running_loop().create_task(self._deliver(item))
-        self._sends.add(t)
-        t.add_done_callback(self._send_done)
-
-    def _send_done(self, task: asyncio.Task[None]) -> None:
-        self._sends.discard(task)
-        self._slots.release()
-        self.writer.requests.release()
+        writer.launch(self._deliver(item), self._slots, self._sends)
 
     async def _deliver(self, item: _Item) -> None:
         """One send. A failure is not retried here: ``_recover`` resends
@@ -223,9 +212,8 @@ class Forwarder:
         self._failed.clear()
         for item in failed:
             assert item.batches is not None
-            await asyncio.sleep(self.writer.first_backoff_s())
             refused = await self.writer.send_retrying(item.batches, lambda e: e.record_refused,
-                                                      slot_per_attempt=True)
+                                                      slot_per_attempt=True, backoff_first=True)
             if refused is not None:
                 await self._dead_letter(item, refused)
             self._delivered(item)
@@ -241,7 +229,7 @@ class Forwarder:
                                                   item.start, record)
                 break
             except OSError as err:
-                self.writer.failed(f"cannot write the dead-letter file: {err}")
+                self.writer.failed(f"cannot write the dead-letter file: {err}", count=False)
                 await asyncio.sleep(self.writer.kcfg.retry_backoff_max_ms / 1000)
         self.stats.dead_lettered_events += item.n_events
         item.n_events = 0  # not forwarded
@@ -271,4 +259,4 @@ class Forwarder:
             try:
                 await loop.run_in_executor(self._reader, self.spool.commit, self.delivered)
             except OSError as e:
-                self.writer.failed(f"cannot save the spool checkpoint: {e}")
+                self.writer.failed(f"cannot save the spool checkpoint: {e}", count=False)

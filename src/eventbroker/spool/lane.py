@@ -57,6 +57,10 @@ class SpoolLane(Lane):
     def acks_without_kafka(self) -> bool:
         return True
 
+    @property
+    def holds_spool(self) -> bool:
+        return True
+
     def snapshot(self) -> LaneSnapshot:
         fwd, ss = self.forwarder, self.spool.stats
         base = super().snapshot()
@@ -184,7 +188,8 @@ class SpoolLane(Lane):
             self._finish(unit)
         self.forwarder.wake()
 
-    _probe_passed = "the spool has room again"
+    def _probe_passed(self) -> str:
+        return "the spool has room again"
 
     async def _probe_problem(self) -> str:
         return self._room_problem()

@@ -71,8 +71,13 @@ def lock_slot(slot: Path) -> int | None:
     return fd
 
 
+def is_slot(p: Path) -> bool:
+    """A worker's slot (``slot-<n>`` holding ``slot.lock``), not a type that happens to be named so."""
+    return p.name.startswith(SLOT_PREFIX) and p.name[len(SLOT_PREFIX):].isdigit() and (p / SLOT_LOCK).exists()
+
+
 def is_type_dir(p: Path) -> bool:
-    return p.is_dir() and not p.name.startswith(SLOT_PREFIX) and ((p / "lock").exists() or bool(list_segments(p)))
+    return p.is_dir() and not is_slot(p) and ((p / "lock").exists() or bool(list_segments(p)))
 
 
 def type_dirs(d: Path) -> list[Path]:
@@ -83,7 +88,7 @@ def type_dirs(d: Path) -> list[Path]:
 
 
 def slots(base: Path) -> list[Path]:
-    return sorted(base.glob(f"{SLOT_PREFIX}*"))
+    return sorted(p for p in base.glob(f"{SLOT_PREFIX}*") if is_slot(p))
 
 
 def all_type_dirs(root: Path) -> list[Path]:
