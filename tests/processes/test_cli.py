@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -67,7 +69,7 @@ def test_produce_100k_events_of_three_types(tmp_path, kafka_bootstrap):
             assert pr.returncode == 0, err.decode()
             summary = orjson.loads(out)
             assert summary == {"type": t, "sent": per_type[t], "persisted": per_type[t], "rejected": {},
-                               "unacknowledged": 0, "invalid_json": 0}
+                               "unacknowledged": 0, "invalid_json": 0, "missing_key_field": 0}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert sum(per_type.values()) == 100_000
@@ -156,7 +158,8 @@ def test_serve_on_embedded_default_starts_and_stops_its_broker(tmp_path):
     ("toml", "expected"),
     [
         ('[server]\nmax_frame_bytes = "big"\n', "key 'server.max_frame_bytes': Expected `int`, got `str`"),
-        ('[types.play]\npriority = "urgent"\n', "key 'types.play.priority': Invalid enum value 'urgent'"),
+        ('[types.play]\npriority = "urgent"\n', "key 'types.play.priority': Invalid enum value 'urgent'; "
+         "expected one of 'critical', 'high', 'normal', 'low'"),
         ('[types.play]\nprio = "x"\n', "key 'types.play.prio': unknown key"),
         ('[server]\nmax_frame_byte = 5\n', "key 'server.max_frame_byte': unknown key"),
         ('[server]\nlisten = "nowhere"\n', "key 'server.listen': 'nowhere' is not HOST:PORT"),
@@ -189,3 +192,93 @@ def test_produce_gives_up_when_no_gateway_listens():
     )
     assert r.returncode == 1
     assert f"cannot connect to 127.0.0.1:{port}" in r.stderr.decode()
+
+
+# --------------------------------------------------------------------------
+# found by trying it as a new user would (issue 11)
+
+
+def test_a_second_gateway_on_the_same_port_refuses_to_start(tmp_path, kafka_bootstrap):
+    """Workers share their port with SO_REUSEPORT; a second gateway must not
+    join them. It refuses, naming the address and the process that serves it,
+    in both modes, and the first one keeps serving."""
+    conf = write_config(tmp_path, make_config(kafka_bootstrap, {"play": {}}))
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    with serve(["--config", str(conf), "--listen", listen, "--workers", "2"], tmp_path / "first.log", port) as first:
+        for mode in (["--workers", "2"], ["--single-process"]):
+            r = subprocess.run([*EB, "serve", "--config", str(conf), "--listen", listen, *mode],
+                               capture_output=True, timeout=60)
+            err = r.stderr.decode()
+            assert r.returncode == 1, err
+            assert f"cannot accept producers on {listen}" in err and f"pid {first.pid}" in err, err
+            assert "server.listen" in err and "--listen" in err
+        r = produce("play", [b'{"still": "served"}'], port)
+        assert r.returncode == 0 and orjson.loads(r.stdout)["persisted"] == 1
+
+
+def test_bind_failures_name_what_the_address_is_for_and_what_moves_it(tmp_path, kafka_bootstrap):
+    conf = write_config(tmp_path, make_config(kafka_bootstrap, {"play": {}}))
+    with socket.socket() as busy:  # another program, without SO_REUSEPORT
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"127.0.0.1:{busy.getsockname()[1]}"
+        free = f"127.0.0.1:{free_port()}"
+        embedded = tmp_path / "embedded.toml"
+        embedded.write_text(f'[server]\nadmin_listen = ""\n[kafka]\nembedded_port = {busy.getsockname()[1]}\n')
+        cases = [
+            (["--config", str(conf), "--listen", free, "--admin-listen", taken, "--workers", "1"],
+             [f"cannot serve the admin endpoint (/metrics, /healthz, /readyz) on {taken}", "server.admin_listen",
+              "--admin-listen"]),
+            (["--config", str(conf), "--listen", taken, "--workers", "1"],
+             [f"cannot accept producers on {taken}", "already in use", "server.listen", "--listen"]),
+            (["--config", str(conf), "--listen", taken, "--single-process"],
+             [f"cannot accept producers on {taken}", "server.listen", "--listen"]),
+            (["--config", str(embedded), "--listen", free, "--workers", "1"],
+             [f"cannot start the embedded broker on {taken}", "kafka.embedded_port", "--embedded-port"]),
+        ]
+        for args, expected in cases:
+            r = subprocess.run([*EB, "serve", *args], capture_output=True, timeout=60)
+            err = r.stderr.decode()
+            assert r.returncode == 1, (args, err)
+            for text in expected:
+                assert text in err, (args, text, err)
+            assert "signal received" not in err  # no signal came
+
+
+def test_produce_with_no_gateway_fails_at_once_in_one_line():
+    port = free_port()  # nothing listens here
+    t0 = time.monotonic()
+    r = subprocess.run([*EB, "produce", "--type", "play", "--server", f"127.0.0.1:{port}"],
+                       input=b'{"a":1}\n', capture_output=True, timeout=60)
+    took = time.monotonic() - t0
+    lines = r.stderr.decode().strip().splitlines()
+    assert r.returncode == 1
+    assert len(lines) == 1 and f"cannot connect to 127.0.0.1:{port}" in lines[0], lines
+    assert took < 5, f"took {took:.1f}s (the default connect timeout is 10 s: it did not give up when refused)"
+
+
+def test_what_a_new_user_sees_from_produce_tail_and_version(tmp_path, kafka_bootstrap):
+    conf = write_config(tmp_path, make_config(kafka_bootstrap, {"play": {}}))
+    port = free_port()
+    with serve(["--single-process", "--config", str(conf), "--listen", f"127.0.0.1:{port}"],
+               tmp_path / "serve.log", port):
+        r = subprocess.run([*EB, "produce", "--type", "play", "--server", f"127.0.0.1:{port}", "--key-field", "user"],
+                           input=b'{"user": "ada"}\n{"track": 1}\n{"track": 2}\n{oops\n', capture_output=True,
+                           timeout=60)
+        err, out = r.stderr.decode(), r.stdout.decode()
+        assert "line 4: not JSON (" in err and "at column 2); skipped" in err and "line 1 column" not in err, err
+        assert err.count("no field 'user'") == 1, err  # warned once...
+        assert "sent 3, persisted 3" in out and "2 without 'user' (null key)" in out, out  # ...and counted
+        assert "skipped 1 line that is not JSON" in out, out
+        r = produce("Play", [b'{"a": 1}'], port)
+        assert orjson.loads(r.stdout)["rejected"] == {"invalid_type_name": 1}
+        r = produce("nosuch", [b'{"a": 1}'], port)
+        assert orjson.loads(r.stdout)["rejected"] == {"unknown_type": 1}
+        r = produce("play", [b'{"a": 1}'], port, "-v", "--log-format", "text")  # global options after the command
+        assert r.returncode == 0, r.stderr.decode()
+    t = subprocess.run([*EB, "tail", "--type", "neverproduced", "--kafka", kafka_bootstrap], capture_output=True,
+                       timeout=60)
+    assert t.returncode == 1 and "does not exist" in t.stderr.decode() and "--wait" in t.stderr.decode()
+    v = subprocess.run([*EB, "--version"], capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0 and re.match(r"eventbroker \d", v.stdout)

@@ -210,7 +210,8 @@ async def test_sighup_reloads_without_dropping_a_connection_and_refuses_a_bad_co
     finally:
         notify.close()
     log = (tmp_path / "serve.log").read_text()
-    assert "config reloaded from" in log and "added type search" in log and "priority normal -> critical" in log
+    assert f"config reloaded from {conf}" in log and "added type search" in log and "priority normal -> critical" in log
+    assert "config.next.toml" not in log  # workers name the user's file, not their supervisor's copy
     assert "config reload refused, the running config stays in force" in log and "urgent" in log
 
 

@@ -1075,3 +1075,18 @@ def test_append_entries_refuses_a_buffer_that_does_not_parse(cut):
     with pytest.raises(ValueError):
         dst.append_entries(lying)
     assert dst.append_entries(b"") == 0
+
+
+def test_a_name_no_gateway_could_have_is_invalid_type_name():
+    """Unknown but valid names are unknown_type; names outside the config's
+    pattern (upper case, spaces, too long) are invalid_type_name."""
+    router = make_router(make_ring("play"))
+    events = [("Play", eid(1), 1, None, b"x"), ("nosuch", eid(2), 1, None, b"x"), ("a b", eid(3), 1, None, b"x"),
+              ("x" * 65, eid(4), 1, None, b"x"), ("play", eid(5), 1, None, b"x")]
+    _, names, results = ingest_events(router, events, now_ms=1)
+    by_name = {names[ti]: (status, reason) for ti, status, reason, *_ in results}
+    assert by_name == {b"Play": (fp.STATUS_REJECTED, fp.REASON_INVALID_TYPE_NAME),
+                       b"nosuch": (fp.STATUS_REJECTED, fp.REASON_UNKNOWN_TYPE),
+                       b"a b": (fp.STATUS_REJECTED, fp.REASON_INVALID_TYPE_NAME),
+                       b"x" * 65: (fp.STATUS_REJECTED, fp.REASON_INVALID_TYPE_NAME),
+                       b"play": (fp.STATUS_ACCEPTED, fp.REASON_NONE)}

@@ -619,3 +619,14 @@ def test_ingest_arbitrary_batch_body(body, now_ms, n_parts):
     assert normalize(got[2]) == sorted(want_results, key=lambda r: (r[0], r[1], r[2]))
     assert router.batches_in == 1
     check_rings_hold(rings, accepted, now_ms, n_parts, 0, 700)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=70) | st.text(alphabet="abcz09_.-AZ é\x00", max_size=70).map(str.encode))
+def test_native_type_name_check_is_the_configs_pattern(name):
+    """invalid_type_name (native, per type in a batch) and the config's
+    TYPE_NAME_PATTERN accept exactly the same names."""
+    import re
+
+    matches = re.fullmatch(protocol.TYPE_NAME_PATTERN.strip("^$"), name.decode("latin-1")) is not None
+    assert fp.valid_type_name(name) == matches

@@ -138,9 +138,13 @@ cdef class BatchSplitter:
                 if acc[i].n == 0:
                     continue
                 if acc[i].ring == NULL:
-                    results.append((i, C_STATUS_REJECTED,
-                                    C_REASON_FORBIDDEN if acc[i].forbidden else C_REASON_UNKNOWN_TYPE,
-                                    acc[i].n, None, None))
+                    if acc[i].forbidden:
+                        reason = C_REASON_FORBIDDEN
+                    elif _valid_type_name(names[i]):
+                        reason = C_REASON_UNKNOWN_TYPE
+                    else:
+                        reason = C_REASON_INVALID_TYPE_NAME  # no gateway could be configured with it
+                    results.append((i, C_STATUS_REJECTED, reason, acc[i].n, None, None))
                     continue
                 ring = <TypeRing>acc[i].ring
                 if not ring.enabled:
@@ -188,6 +192,26 @@ cdef class BatchSplitter:
             return seq, names, results
         finally:
             free(acc)
+
+
+cdef bint _valid_type_name(bytes name):
+    """``TYPE_NAME_PATTERN``: 1-64 of a-z 0-9 _ . - starting with a letter or digit."""
+    cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(name)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(name), i
+    cdef unsigned char c
+    if n < 1 or n > 64:
+        return False
+    for i in range(n):
+        c = p[i]
+        if not ((c >= 97 and c <= 122) or (c >= 48 and c <= 57)
+                or (i > 0 and (c == 95 or c == 46 or c == 45))):  # a-z 0-9, then also _ . -
+            return False
+    return True
+
+
+def valid_type_name(bytes name not None):
+    """Whether ``name`` is a type name a gateway can be configured with."""
+    return _valid_type_name(name)
 
 
 cdef inline int _event_reason(const unsigned char *ev, Py_ssize_t klen, Py_ssize_t vlen,

@@ -36,7 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if n < 1:
             raise ConfigError("--workers: must be at least 1 (or use --single-process)")
         return asyncio.run(run_supervisor(cfg, path, overrides, n, args.log_format, args.verbose))
-    daemon = Daemon(cfg, config_path=path, overrides=overrides, control_socket=args.control_socket,
+    daemon = Daemon(cfg, config_path=path, config_source=args.config_source, overrides=overrides,
+                    control_socket=args.control_socket,
                     worker_index=args.worker_index, reuse_port=True if args.worker_of is not None else None)
 
     async def main() -> int:
@@ -65,4 +66,5 @@ def add_parser(sub) -> None:
     s.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
     s.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     s.add_argument("--control-socket", help=argparse.SUPPRESS)
+    s.add_argument("--config-source", help=argparse.SUPPRESS)  # the user's config file, for messages
     s.set_defaults(func=cmd_serve)

@@ -10,6 +10,8 @@ import orjson
 
 from eventbroker.cli.base import command, config_path, run
 from eventbroker.config import DEFAULT_EMBEDDED_PORT, load_config, resolve_types
+from eventbroker.errors import UsageError
+from eventbroker.kafka.errors import KafkaConnectionError
 from eventbroker.kafka.reader import open_topic
 from eventbroker.protocol import HEADER_EVENT_ID, HEADER_EVENT_TYPE
 
@@ -25,11 +27,18 @@ async def _tail(args: argparse.Namespace) -> int:
     if args.type not in types:
         log.warning("type %r is not in the config; reading topic %s", args.type, topic)
     bootstrap = args.kafka or cfg.kafka.bootstrap_servers or f"127.0.0.1:{cfg.kafka.embedded_port}"
-    consumer, exists = await open_topic(cfg.kafka, bootstrap, topic, from_start=not args.new_only)
+    try:
+        consumer, exists = await open_topic(cfg.kafka, bootstrap, topic, from_start=not args.new_only)
+    except KafkaConnectionError:
+        hint = " (the embedded broker runs only while `eventbroker serve` does)" if not (
+            args.kafka or cfg.kafka.bootstrap_servers) else ""
+        raise UsageError(f"cannot reach Kafka at {bootstrap}{hint}; --kafka HOST:PORT names another") from None
+    if not exists and not args.wait:
+        await consumer.stop()
+        raise UsageError(f"topic {topic} does not exist: no event of type {args.type!r} has been delivered to "
+                         f"{bootstrap} yet; --wait waits for the first one")
     if not exists:
-        # Otherwise the consumer waits for it forever, silently.
-        log.warning("topic %s does not exist (yet): no event of type %r has been delivered to %s; waiting for it",
-                    topic, args.type, bootstrap)
+        log.warning("topic %s does not exist yet: waiting for the first event of type %r", topic, args.type)
     seen = 0
     out = sys.stdout
     try:
@@ -86,6 +95,8 @@ def add_parser(sub) -> None:
     t.add_argument("--config", help="config file, for the type's topic and the Kafka address")
     t.add_argument("--kafka", help=f"Kafka bootstrap servers (default: config, else 127.0.0.1:{DEFAULT_EMBEDDED_PORT})")
     t.add_argument("--new-only", action="store_true", help="skip events already in the topic")
+    t.add_argument("--wait", action="store_true", help="if the type's topic does not exist yet, wait for it "
+                   "(default: say so and exit)")
     t.add_argument("--max-events", type=int, default=None, help="exit after this many events")
     t.add_argument("--idle-exit-ms", type=int, default=None, help="exit after this long without events")
     t.add_argument("--payload-only", action="store_true", help="print only each payload")

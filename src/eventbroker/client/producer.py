@@ -320,7 +320,7 @@ class Producer:
                     self._resolve(ev, EventRejected(reason_name(e.reason), ev.event_id, ev.type.decode()))
         if retry:
             self.stats["retried"] += len(retry)
-            delay = retry_after / 1000 * (0.75 + random.random() / 2)
+            delay = retry_after / 1000 * (1 + random.random() / 4)  # never before the hint
             self._retry_waiting.append(retry)
             asyncio.get_running_loop().call_later(delay, self._requeue, retry)
         if batch.left == 0:

@@ -11,9 +11,9 @@ from pathlib import Path
 import msgspec
 
 from eventbroker.config.registry import resolve_types
-from eventbroker.config.schema import TYPE_NAME_PATTERN, AuthProducer, Config, EventTypeConfig
+from eventbroker.config.schema import AuthProducer, Config, EventTypeConfig
 from eventbroker.errors import ConfigError
-from eventbroker.protocol import parse_host_port
+from eventbroker.protocol import TYPE_NAME_PATTERN, parse_host_port
 
 
 def _unwrap(tp: typing.Any) -> list[typing.Any]:

@@ -16,12 +16,11 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from eventbroker.protocol import DEFAULT_LISTEN, parse_host_port
+from eventbroker.protocol import DEFAULT_LISTEN, MAX_EVENT_FRAMING_BYTES, TYPE_NAME_PATTERN, parse_host_port
 
 DEFAULT_ADMIN_LISTEN = "127.0.0.1:7481"
 DEFAULT_EMBEDDED_PORT = 19092
 
-TYPE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.\-]{0,63}$"
 TypeName = Annotated[str, Meta(pattern=TYPE_NAME_PATTERN)]
 Priority = Literal["critical", "high", "normal", "low"]
 Partitioning = Literal["key", "spread"]
@@ -60,8 +59,11 @@ class ServerConfig(_Base, frozen=True):
             parse_host_port(self.listen)
         except ValueError as e:
             raise ValueError(f"listen: {e}") from None
-        if self.max_event_bytes > self.max_frame_bytes:
-            raise ValueError("max_event_bytes: must not exceed max_frame_bytes")
+        fits = self.max_frame_bytes - MAX_EVENT_FRAMING_BYTES
+        if self.max_event_bytes > fits:
+            raise ValueError(f"max_event_bytes: {self.max_event_bytes} can never arrive in a frame of max_frame_bytes "
+                             f"= {self.max_frame_bytes} (an event needs up to {MAX_EVENT_FRAMING_BYTES} bytes of "
+                             f"framing besides its key and payload): at most {fits}")
         if self.memory_budget_bytes < 4 * self.max_frame_bytes:
             raise ValueError("memory_budget_bytes: must be at least 4 times max_frame_bytes")
         if self.admin_listen:

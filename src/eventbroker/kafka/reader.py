@@ -10,9 +10,10 @@ from eventbroker.kafka.sink import client_security
 
 
 async def open_topic(cfg: KafkaConfig, bootstrap: str, topic: str, *, from_start: bool) -> tuple[AIOKafkaConsumer, bool]:
-    """A started consumer of ``topic`` (no group, no commits) and whether the topic exists yet."""
+    """A started consumer of ``topic`` (no group, no commits) and whether the
+    topic exists yet. It looks before it subscribes: subscribing asks for the
+    topic's metadata, and a broker that creates topics on demand would create it."""
     consumer = AIOKafkaConsumer(
-        topic,
         bootstrap_servers=bootstrap,
         auto_offset_reset="earliest" if from_start else "latest",
         enable_auto_commit=False,
@@ -21,8 +22,9 @@ async def open_topic(cfg: KafkaConfig, bootstrap: str, topic: str, *, from_start
     )
     try:
         await consumer.start()
-        topics = await consumer.topics()
+        exists = topic in await consumer.topics()
+        consumer.subscribe([topic])
     except BaseException:
         await consumer.stop()
         raise
-    return consumer, topic in topics
+    return consumer, exists

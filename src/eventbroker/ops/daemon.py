@@ -23,6 +23,7 @@ from eventbroker.kafka.errors import KafkaError
 from eventbroker.kafka.sink import KafkaSink, NullSink, Sink
 from eventbroker.ops.addresses import ADMIN, PRODUCERS, PortLock, bind_failed
 from eventbroker.ops.admin_http import AdminServer, Handler
+from eventbroker.ops.logs import plural
 from eventbroker.ops.metrics import DaemonMetrics
 from eventbroker.protocol import parse_host_port
 from eventbroker.security.policy import Security
@@ -54,12 +55,16 @@ class Daemon:
     ``reuse_port``.
     """
 
-    def __init__(self, cfg: Config, *, config_path: str | None = None, overrides: dict | None = None,
+    def __init__(self, cfg: Config, *, config_path: str | None = None, config_source: str | None = None,
+                 overrides: dict | None = None,
                  control_socket: str | None = None, worker_index: int | None = None,
                  reuse_port: bool | None = None) -> None:
         self.cfg = cfg
         self.types = resolve_types(cfg)
         self.config_path = config_path
+        # How the config is named in messages: a worker reads its supervisor's
+        # copy of the user's file, but reports the user's file.
+        self.config_source = config_source
         self.overrides = overrides or {}
         self.control_socket = control_socket
         self.worker_index = worker_index
@@ -137,10 +142,10 @@ class Daemon:
         # cyclic GC from scanning it on every full collection (latency tails).
         gc.freeze()
         log.info(
-            "eventbroker ready: listening on %s, %d event types (%s), sink %s%s",
+            "eventbroker ready: listening on %s, %s, sink %s%s",
             ", ".join(self.server.addresses),
-            len(self.types),
-            ", ".join(sorted(self.types)),
+            f"{plural(len(self.types), 'event type')} ({', '.join(sorted(self.types))})" if self.types
+            else "no event types",
             "null" if kcfg.sink == "null" else f"kafka {self.bootstrap}",
             f", admin on {self.admin.address}" if self.admin else "",
         )
@@ -245,10 +250,11 @@ class Daemon:
     async def reload(self, path: str | None = None) -> tuple[bool, str]:
         """Re-read the config file (or ``path``); apply it if it is valid and reloadable."""
         path = path or self.config_path
+        shown = self.config_source or path or "the built-in defaults"
         try:
             new = with_overrides(load_config(path), **self.overrides)
         except ConfigError as e:
-            msg = f"config reload refused, the running config stays in force: {e}"
+            msg = f"config reload refused, the running config stays in force: {str(e).replace(str(path), shown)}"
             log.error("%s", msg)
             return False, msg
         blockers = reload_blockers(self.cfg, new)
@@ -274,7 +280,7 @@ class Daemon:
         self.server.reconfigured()
         self.cfg = new
         self.types = resolve_types(new)
-        msg = f"config reloaded from {path}: " + ("; ".join(changes) if changes else "no changes")
+        msg = f"config reloaded from {shown}: " + ("; ".join(changes) if changes else "no changes")
         log.info("%s", msg)
         return True, msg
 
@@ -314,6 +320,7 @@ class Daemon:
         if self.embedded is not None:
             self.embedded.stop()
             self.embedded = None
+            log.info("stopped the embedded broker")
         if self._port_lock is not None:
             self._port_lock.release()
         log.info("eventbroker stopped")

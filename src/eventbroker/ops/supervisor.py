@@ -141,7 +141,8 @@ class Supervisor:
             self.overrides["kafka"] = self.embedded.bootstrap
             self.cfg = with_overrides(self.cfg, kafka=self.embedded.bootstrap)  # as reloads will load it
             log.warning("no Kafka configured: started the embedded development broker (Tansu, memory storage) on "
-                        "%s for the workers. For development only: its events are lost when it stops.",
+                        "%s for the workers. For development only: its events are lost when it stops. "
+                        "Use --kafka HOST:PORT or [kafka] bootstrap_servers for a real cluster.",
                         self.embedded.bootstrap)
         self.runtime_dir = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
         if not self.runtime_dir:
@@ -183,6 +184,7 @@ class Supervisor:
                 await self.admin.close()
             if self.embedded is not None:
                 self.embedded.stop()
+                log.info("stopped the embedded broker")
             if self._own_runtime_dir:
                 shutil.rmtree(self._own_runtime_dir, ignore_errors=True)
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
@@ -262,7 +264,7 @@ class Supervisor:
             cmd.append("-v")
         cmd += ["serve", "--worker-of", str(os.getpid()), "--worker-index", str(w.index),
                 "--control-socket", w.control]
-        cmd += ["--config", config]
+        cmd += ["--config", config, "--config-source", self.config_path or "the built-in defaults"]
         for k in ("listen", "kafka", "sink"):
             if self.overrides.get(k) is not None:
                 cmd += [f"--{k}", self.overrides[k]]
