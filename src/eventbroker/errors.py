@@ -44,7 +44,15 @@ class ProtocolError(EventBrokerError):
 
 
 class ServerError(ProtocolError):
-    """The server closed the connection with an ERROR frame."""
+    """The server closed the connection with an ERROR frame; ``retry_after_ms``
+    is its hint for connecting again (0: none)."""
+
+    def __init__(self, code: int, message: str, retry_after_ms: int = 0) -> None:
+        super().__init__(code, message)
+        self.retry_after_ms = retry_after_ms
+
+    def __reduce__(self):
+        return (type(self), (self.code, self.message, self.retry_after_ms))
 
 
 class DeliveryError(EventBrokerError):

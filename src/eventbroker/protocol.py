@@ -68,6 +68,7 @@ class ErrorCode(IntEnum):
     INTERNAL = fp.ERR_INTERNAL
     CONNECTION_LIMIT = fp.ERR_CONNECTION_LIMIT
     TIMEOUT = fp.ERR_TIMEOUT
+    ADDRESS_LOCKED_OUT = fp.ERR_ADDRESS_LOCKED_OUT  # retryable: wait retry_after_ms
 
 
 class Status(IntEnum):
@@ -314,20 +315,28 @@ class Goaway:
 
 @dataclass(frozen=True)
 class ErrorFrame:
+    """``retry_after_ms``: when the producer may connect again (0: no hint). It
+    follows the message as an optional u32 (ADDRESS_LOCKED_OUT sends it);
+    receivers ignore bytes after the message they do not know."""
+
     code: int
     message: str
+    retry_after_ms: int = 0
 
     def encode(self) -> bytes:
         msg = self.message.encode("utf-8")[:4096]
-        return encode_frame(FrameType.ERROR, _ERROR_HEAD.pack(self.code) + _pack_str(msg))
+        tail = _U32.pack(self.retry_after_ms) if self.retry_after_ms else b""
+        return encode_frame(FrameType.ERROR, _ERROR_HEAD.pack(self.code) + _pack_str(msg) + tail)
 
     @classmethod
     def decode(cls, body: bytes) -> ErrorFrame:
         c = _Cursor(body, "ERROR")
         (code,) = c.unpack(_ERROR_HEAD)
         msg = c.string().decode("utf-8", "replace")
-        c.end()
-        return cls(code, msg)
+        retry_ms = 0
+        if len(c.data) - c.pos >= _U32.size:
+            (retry_ms,) = c.unpack(_U32)
+        return cls(code, msg, retry_ms)
 
 
 @dataclass(frozen=True)

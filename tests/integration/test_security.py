@@ -231,7 +231,8 @@ async def test_repeated_failures_from_one_address_are_rate_limited(daemon_factor
             for _ in range(3):
                 assert (await raw_hello(port, b"ebt1.checkout.bad"))[0] == ErrorCode.AUTH_FAILED
             refused = await raw_hello(port, token.encode())  # even a good token, for now
-            assert refused == (ErrorCode.AUTH_FAILED, "too many failed handshakes from this address; retry in a minute")
+            assert refused[0] == ErrorCode.ADDRESS_LOCKED_OUT  # its own code: retryable, not bad credentials
+            assert refused[1].startswith("too many failed handshakes from this address; retry in ")
             assert await raw_hello(port, token.encode(), source="127.0.0.2") == "welcome"  # other addresses fine
             assert await (await p.send("play", b"still here"))
         assert d.security.stats.auth_refused_addresses == 1
@@ -365,8 +366,7 @@ async def test_failures_on_connections_opened_in_parallel_are_limited_too(daemon
             answers.append(await read_answer(reader))
             writer.close()
         assert answers[:3] == [(ErrorCode.AUTH_FAILED, "authentication failed")] * 3
-        assert all(a == (ErrorCode.AUTH_FAILED, "too many failed handshakes from this address; retry in a minute")
-                   for a in answers[3:])
+        assert all(a[0] == ErrorCode.ADDRESS_LOCKED_OUT for a in answers[3:]), answers
         assert d.security.stats.auth_failures == 3  # the rest were refused before any check
 
 
@@ -444,3 +444,27 @@ async def test_a_producer_that_never_reads_its_acks_is_dropped_after_the_idle_ti
         print(f"\ndeaf producer dropped {took:.1f}s after it started sending")
         ids = await good_producer(d)
         assert len(ids) == 300
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_neighbours_failures_make_the_sdk_wait_not_fail(daemon_factory):
+    """Bad HELLOs from one address lock it out for a while: a legitimate SDK
+    producer connecting from that address is told ADDRESS_LOCKED_OUT with a
+    retry hint, waits it out instead of failing its events for good, and gets
+    through once the lock-out ends (here a 2 s window instead of a minute)."""
+    auth, token = _auth(["play"], max_failures_per_minute=3)
+    async with daemon_factory({"play": {}}, auth=auth) as d:
+        d.security._failed.window_s = 2.0
+        port = d.server.port
+        for _ in range(3):
+            assert (await raw_hello(port, b"ebt1.checkout.bad"))[0] == ErrorCode.AUTH_FAILED
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        head = await asyncio.wait_for(reader.readexactly(12), 10)
+        frame = ErrorFrame.decode(await reader.readexactly(struct.unpack(">I", head[:4])[0]))
+        writer.close()
+        assert frame.code == ErrorCode.ADDRESS_LOCKED_OUT and 0 < frame.retry_after_ms <= 2001
+        t0 = time.monotonic()
+        async with Producer(daemon_address(d), token=token, linger_ms=1) as p:
+            eid = await asyncio.wait_for(await p.send("play", b"after the lock-out"), 15)
+        assert eid and time.monotonic() - t0 >= 0.5  # it waited for the hint
+        assert p.stats["connect_failures"] >= 1

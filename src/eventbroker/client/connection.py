@@ -89,7 +89,7 @@ class Connection(asyncio.Protocol):
                     err = ErrorFrame.decode(body)
                     self.p.on_server_error(err)
                     if not self.welcome.done():
-                        self.welcome.set_exception(ServerError(err.code, err.message))
+                        self.welcome.set_exception(ServerError(err.code, err.message, err.retry_after_ms))
                     self.close()
                     return
         except Exception as e:

@@ -422,6 +422,10 @@ class Producer:
                     self._fatal = e
                     self._fail_all(e)
                     return
+                if e.retry_after_ms:  # locked out for a while (not our credentials): wait, then try again
+                    self._last_conn_error = f"{e.message} (error {e.code})"
+                    log.warning("the server asks to connect again in %.1fs: %s", e.retry_after_ms / 1000, e.message)
+                    await asyncio.sleep(e.retry_after_ms / 1000 * (1 + random.random() / 4))
                 conn = None
             except (OSError, TimeoutError, ConnectionError) as e:
                 host, port = self._servers[self._server_idx % len(self._servers)]

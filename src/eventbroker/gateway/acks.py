@@ -15,9 +15,10 @@ from typing import Protocol
 
 
 class AckTarget(Protocol):
-    """A producer connection, as lanes see it."""
+    """A producer's batch, as lanes see it (gateway/connection.py)."""
 
-    closed: bool
+    @property
+    def closed(self) -> bool: ...  # the connection is gone: nobody to answer
 
     def part_persisted(self, batch_seq: int, type_index: int, count: int) -> None: ...
 

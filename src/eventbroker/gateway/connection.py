@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import select
 import socket
 import time
 from typing import Protocol, cast
@@ -43,7 +44,6 @@ log = logging.getLogger("eventbroker.server")
 
 _HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
 _LINGER_S = 1.0
-TOO_MANY_FAILURES = "too many failed handshakes from this address; retry in a minute"
 # Framing errors before the handshake mean the peer does not speak this protocol.
 _NOT_OUR_PROTOCOL = {ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNKNOWN_FRAME_TYPE, ErrorCode.MALFORMED_FRAME}
 
@@ -62,7 +62,7 @@ class Listener(Protocol):
 
     def now(self) -> float: ...
 
-    def connection_opened(self, conn: Connection) -> tuple[int, str] | None: ...
+    def connection_opened(self, conn: Connection) -> tuple[int, str] | tuple[int, str, int] | None: ...
 
     def connection_closed(self, conn: Connection) -> None: ...
 
@@ -79,6 +79,34 @@ class ConnectionStats:
         self.batches = 0
         self.acks_sent = 0
         self.errors_by_code: dict[int, int] = {}  # ERROR frames sent, by code
+
+
+class _InflightBatch:
+    """One accepted batch, as its lanes see it (their ``AckTarget``).
+
+    Its bytes count against the connection's in-flight limit until its last
+    part is answered. It is keyed by itself, not by the producer's
+    ``batch_seq``: a producer that reuses a number (a bug, or an attack) must
+    not make the count drift."""
+
+    __slots__ = ("conn", "size", "parts")
+
+    def __init__(self, conn: Connection, size: int) -> None:
+        self.conn = conn
+        self.size = size
+        self.parts = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.conn.closed
+
+    def part_persisted(self, batch_seq: int, type_index: int, count: int) -> None:
+        self.conn.part_answered(self, batch_seq, AckEntry(type_index, Status.PERSISTED, Reason.NONE, count))
+
+    def part_retry(self, batch_seq: int, type_index: int, count: int, reason: int, retry_after_ms: int) -> None:
+        """An accepted part could not be delivered: the producer must send it again."""
+        self.conn.part_answered(self, batch_seq,
+                                AckEntry(type_index, Status.RETRY_LATER, reason, count, retry_after_ms))
 
 
 class Connection(asyncio.Protocol):
@@ -102,7 +130,6 @@ class Connection(asyncio.Protocol):
         self.last_rx = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._inflight_bytes = 0  # bytes of batches with parts not yet answered
-        self._batch_bytes: dict[int, list[int]] = {}  # seq -> [bytes, parts owed]
         self._paused_for: set[str] = set()  # why reading is paused: "acks", "inflight"
         self._auth: tuple[bytes, dict | None] = (b"", None)
         self.paused_since: dict[str, float] = {}
@@ -214,9 +241,10 @@ class Connection(asyncio.Protocol):
             raise ProtocolError(ErrorCode.BAD_HANDSHAKE, f"expected HELLO as the first frame, got type {ftype}")
         hello = Hello.decode(self._reader.body())
         security = self._server.security
-        if security.refused(self.addr):  # failures on connections opened before the limit was reached
-            security.stats.auth_refused_addresses += 1
-            raise ProtocolError(ErrorCode.AUTH_FAILED, TOO_MANY_FAILURES)
+        locked = security.locked_out(self.addr)  # failures on connections opened before the limit was reached
+        if locked is not None:
+            self.close_with_error(*locked)
+            return
         peercert = self._transport.get_extra_info("peercert") if self._transport is not None else None
         try:
             self.identity = security.authenticate(hello.auth, peercert)
@@ -246,14 +274,14 @@ class Connection(asyncio.Protocol):
 
     def _on_batch(self) -> None:
         server = self._server
-        seq, answers, accepted = server.router.ingest(self._reader, int(time.time() * 1000), self.allowed, self,
+        batch = _InflightBatch(self, self._reader.body_length)
+        seq, answers, accepted = server.router.ingest(self._reader, int(time.time() * 1000), self.allowed, batch,
                                                       server.draining)
         server.stats.batches += 1
         if accepted:  # their acks come when Kafka (or the spool) has them
+            batch.parts = accepted
             self._parts_owed += accepted
-            size = self._reader.body_length
-            self._batch_bytes[seq] = [size, accepted]
-            self._inflight_bytes += size
+            self._inflight_bytes += batch.size
             if self._inflight_bytes > server.security.limits.max_inflight_bytes_per_connection:
                 server.security.stats.inflight_pauses += 1
                 self._pause("inflight")
@@ -263,25 +291,15 @@ class Connection(asyncio.Protocol):
             answers.sort(key=lambda e: not e.indices)
             self._write(Ack(seq, tuple(answers)).encode())
 
-    def part_persisted(self, batch_seq: int, type_index: int, count: int) -> None:
-        self._queue_ack(batch_seq, AckEntry(type_index, Status.PERSISTED, Reason.NONE, count))
-
-    def part_retry(self, batch_seq: int, type_index: int, count: int, reason: int, retry_after_ms: int) -> None:
-        """An accepted part could not be delivered: the producer must send it again."""
-        self._queue_ack(batch_seq, AckEntry(type_index, Status.RETRY_LATER, reason, count, retry_after_ms))
-
-    def _queue_ack(self, batch_seq: int, entry: AckEntry) -> None:
+    def part_answered(self, batch: _InflightBatch, batch_seq: int, entry: AckEntry) -> None:
         """Answer one accepted part; ACK frames go out once per loop iteration."""
         self._parts_owed -= 1
-        owed = self._batch_bytes.get(batch_seq)
-        if owed is not None:
-            owed[1] -= 1
-            if owed[1] == 0:
-                del self._batch_bytes[batch_seq]
-                self._inflight_bytes -= owed[0]
-                if "inflight" in self._paused_for and \
-                        self._inflight_bytes <= self._server.security.limits.max_inflight_bytes_per_connection:
-                    self._resume("inflight")
+        batch.parts -= 1
+        if batch.parts == 0:
+            self._inflight_bytes -= batch.size
+            if "inflight" in self._paused_for and \
+                    self._inflight_bytes <= self._server.security.limits.max_inflight_bytes_per_connection:
+                self._resume("inflight")
         self._pending_acks.setdefault(batch_seq, []).append(entry)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -308,7 +326,7 @@ class Connection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
-    def close_with_error(self, code: int, message: str) -> None:
+    def close_with_error(self, code: int, message: str, retry_after_ms: int = 0) -> None:
         """Send an ERROR frame and close (FIN, a short linger for the peer to read it)."""
         if self._state == _CLOSED:
             return
@@ -316,7 +334,7 @@ class Connection(asyncio.Protocol):
         stats.protocol_errors += 1
         stats.errors_by_code[code] = stats.errors_by_code.get(code, 0) + 1
         log.info("closing connection from %s (%s): %s: %s", self.peer, self.client_id or "-", error_name(code), message)
-        self._write(ErrorFrame(code, message).encode())
+        self._write(ErrorFrame(code, message, retry_after_ms).encode())
         self._state = _CLOSED
         self.closed = True
         t = self._transport
@@ -343,6 +361,28 @@ class Connection(asyncio.Protocol):
     def acks_unread_since_before(self, cutoff: float) -> bool:
         """Paused since before ``cutoff`` because the producer does not read its acks."""
         return "acks" in self._paused_for and not self.closed and self.paused_since.get("acks", 0) < cutoff
+
+    def paused_since_before(self, cutoff: float) -> bool:
+        """Not read from since before ``cutoff`` (for any reason)."""
+        return bool(self._paused_for) and not self.closed and min(
+            self.paused_since.get(why, 0) for why in self._paused_for) < cutoff
+
+    def peer_hung_up(self) -> bool:
+        """A connection we stopped reading never sees the peer's FIN on its
+        own: ask the socket (POLLRDHUP, the peer shut down its side)."""
+        sock = self._transport.get_extra_info("socket") if self._transport is not None else None
+        if sock is None or not self._paused_for or self.closed:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+        return bool(poller.poll(0))
+
+    def read_to_the_end(self) -> None:
+        """The peer has finished sending: read what it sent before its FIN, so
+        the end of stream is handled in order (owed ACKs are still written)."""
+        self._paused_for.clear()
+        if self._transport is not None and self._state != _CLOSED:
+            self._transport.resume_reading()
 
     def drop(self) -> None:
         """Close at once, without a goodbye (the peer reads nothing anyway)."""

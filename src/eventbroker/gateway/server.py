@@ -9,7 +9,7 @@ from typing import Any
 
 from eventbroker.config import AuthConfig, LimitsConfig, ServerConfig, TlsConfig
 from eventbroker.config.schema import default_server_id
-from eventbroker.gateway.connection import TOO_MANY_FAILURES, Connection, ConnectionStats
+from eventbroker.gateway.connection import Connection, ConnectionStats
 from eventbroker.gateway.router import Router
 from eventbroker.kafka.writer import drain_until
 from eventbroker.protocol import ErrorCode, parse_host_port
@@ -74,6 +74,15 @@ class IngestServer:
                 self.security.stats.idle_timeouts += 1
                 log.info("closing connection from %s: it has not read its acks for %.0fs", conn.peer, idle_s)
                 conn.drop()
+            # Any other connection we have not read from for as long is stuck
+            # (acks come back within stall_timeout_ms even when Kafka is away).
+            for conn in [c for c in self._conns if c.paused_since_before(cutoff)]:
+                self.security.stats.idle_timeouts += 1
+                log.info("closing connection from %s: not read from for %.0fs", conn.peer, idle_s)
+                conn.drop()
+            # A peer that hung up while we were not reading it: read its last bytes and its end of stream.
+            for conn in [c for c in self._conns if c.peer_hung_up()]:
+                conn.read_to_the_end()
 
     @property
     def addresses(self) -> list[str]:
@@ -90,16 +99,16 @@ class IngestServer:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
-    def connection_opened(self, conn: Connection) -> tuple[int, str] | None:
+    def connection_opened(self, conn: Connection) -> tuple[int, str] | tuple[int, str, int] | None:
         """Count a new connection; returns (error code, message) to refuse it with."""
         self._conns.add(conn)
         self.stats.connections = len(self._conns)
         self.stats.connections_total += 1
         n = self._per_addr[conn.addr] = self._per_addr.get(conn.addr, 0) + 1
         sec = self.security
-        if sec.refused(conn.addr):
-            sec.stats.auth_refused_addresses += 1
-            return ErrorCode.AUTH_FAILED, TOO_MANY_FAILURES
+        locked = sec.locked_out(conn.addr)
+        if locked is not None:
+            return locked
         if len(self._conns) > sec.limits.max_connections:
             sec.stats.refused_total_limit += 1
             return ErrorCode.CONNECTION_LIMIT, f"server at its connection limit ({sec.limits.max_connections})"

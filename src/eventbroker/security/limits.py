@@ -14,6 +14,7 @@ class FailedHandshakes:
     def __init__(self, max_per_minute: int, trusted: frozenset[str]) -> None:
         self.max_per_minute = max_per_minute
         self.trusted = trusted  # load balancers: every producer behind one shares its address
+        self.window_s = 60.0
         self._failures: dict[str, deque[float]] = {}
 
     def note(self, addr: str) -> None:
@@ -24,11 +25,18 @@ class FailedHandshakes:
         if len(self._failures) > _MAX_ADDRESSES:
             self._failures.pop(next(iter(self._failures)))
 
+    def retry_after_s(self, addr: str) -> float:
+        """How long until ``addr`` is let in again (0: it is not refused)."""
+        if not self.refused(addr):
+            return 0.0
+        q = self._failures[addr]
+        return max(0.0, q[len(q) - self.max_per_minute] + self.window_s - time.monotonic())
+
     def refused(self, addr: str) -> bool:
         q = self._failures.get(addr)
         if not q:
             return False
-        cutoff = time.monotonic() - 60
+        cutoff = time.monotonic() - self.window_s
         while q and q[0] < cutoff:
             q.popleft()
         if not q:

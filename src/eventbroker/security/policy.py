@@ -13,6 +13,7 @@ from collections.abc import Iterable
 
 from eventbroker.config import AuthConfig, LimitsConfig, TlsConfig
 from eventbroker.errors import AuthFailed
+from eventbroker.protocol import ErrorCode
 from eventbroker.security.limits import FailedHandshakes
 from eventbroker.security.tls import certificate_cn, server_ssl_context
 from eventbroker.security.tokens import Authenticator, Identity
@@ -103,3 +104,13 @@ class Security:
 
     def refused(self, addr: str) -> bool:
         return self._failed.refused(addr)
+
+    def locked_out(self, addr: str) -> tuple[int, str, int] | None:
+        """The ERROR for an address refused for its failed handshakes, with
+        its retry hint (code, message, retry_after_ms); None if it may try."""
+        wait_s = self._failed.retry_after_s(addr)
+        if not wait_s:
+            return None
+        self.stats.auth_refused_addresses += 1
+        return (ErrorCode.ADDRESS_LOCKED_OUT,
+                f"too many failed handshakes from this address; retry in {wait_s:.0f}s", int(wait_s * 1000) + 1)
