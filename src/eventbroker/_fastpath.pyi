@@ -134,6 +134,11 @@ class BatchSplitter:
     def ingest(
         self, reader: FrameReader, now_ms: int, allowed: set[bytes] | frozenset[bytes] | None = None
     ) -> tuple[int, list[bytes], list[IngestResult]]: ...
+    # (batch_seq, type_names, results of configured types, encoded ACK entries
+    # of the others, their count, unknown_type events, invalid_type_name events)
+    def ingest_answering(
+        self, reader: FrameReader, now_ms: int, allowed: set[bytes] | frozenset[bytes] | None = None
+    ) -> tuple[int, list[bytes], list[IngestResult], bytes, int, int, int]: ...
 
 class BatchEncoder:
     count: int

@@ -274,12 +274,15 @@ class Ack:
         return cls(seq, tuple(entries))
 
 
-def encode_ack_body(batch_seq: int, entries) -> bytes:
-    parts = [_ACK_HEAD.pack(batch_seq, len(entries))]
+def encode_ack_body(batch_seq: int, entries, encoded: bytes = b"", n_encoded: int = 0) -> bytes:
+    """An ACK body: ``entries`` (AckEntry), then ``n_encoded`` entries already
+    encoded (``encoded``, without indices: they go last)."""
+    parts = [_ACK_HEAD.pack(batch_seq, len(entries) + n_encoded)]
     for e in entries:
         parts.append(_ACK_ENTRY.pack(e.type_index, e.status, e.reason, e.count, e.retry_after_ms, len(e.indices)))
         if e.indices:
             parts.append(struct.pack(f">{len(e.indices)}I", *e.indices))
+    parts.append(encoded)
     return b"".join(parts)
 
 

@@ -4,7 +4,10 @@ against a real daemon and broker (issue 16)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import struct
+import threading
 import time
 
 import pytest
@@ -12,7 +15,7 @@ import pytest
 from conftest import daemon_address
 from eventbroker import _fastpath as fp
 from eventbroker.client import Producer
-from eventbroker.protocol import Ack, FrameType, Hello, Status
+from eventbroker.protocol import Ack, FrameType, Hello, Reason, Status
 
 MiB = 1024 * 1024
 
@@ -100,3 +103,70 @@ async def test_a_connection_stuck_unread_is_closed_and_its_hangup_noticed(daemon
         assert await _until(lambda: d.server.stats.connections == 0, 15), "still counted after the peer left"
         assert time.monotonic() - t0 < 15  # stall_timeout_ms is 60 s
         proxy.heal()
+
+
+def _attack_with_many_types(port: int, stop: threading.Event, counts: dict) -> None:
+    """Batches of 4,096 unknown types, as fast as the socket takes them (its
+    ACKs read by a second thread, so the gateway never stops reading it)."""
+    enc = fp.BatchEncoder()
+    for i in range(4096):
+        enc.add(b"junk%04d" % i, struct.pack(">QQ", 7, i + 1), 1, None, b"j")
+    frame = enc.finish(1)
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(Hello("attacker").encode())
+
+    def drain() -> None:
+        with contextlib.suppress(OSError):
+            while s.recv(1 << 20):
+                pass
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        while not stop.is_set():
+            s.sendall(frame)
+            counts["batches"] += 1
+    except OSError:
+        pass
+    finally:
+        s.close()
+
+
+async def _ack_latencies(p: Producer, seconds: float) -> list[float]:
+    out = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        t0 = time.monotonic()
+        await asyncio.wait_for(await p.send("play", b"good"), 10)
+        out.append(time.monotonic() - t0)
+        await asyncio.sleep(0.01)
+    return out
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_batches_of_thousands_of_unknown_types_do_not_stall_others(daemon_factory):
+    """One producer floods batches listing 4,096 unknown types. The parts of
+    unknown types are answered natively, so a batch costs the gateway about
+    as much as its bytes: a well-behaved producer beside it keeps its
+    connection (idle timeout 1 s, heartbeats every 250 ms) and its ACKs come
+    promptly. Prints the good producer's p99 ACK latency without and with the attack."""
+    from eventbroker.config import LimitsConfig
+
+    async with daemon_factory({"play": {}}, limits=LimitsConfig(idle_timeout_ms=1000)) as d:
+        async with Producer(daemon_address(d), linger_ms=0, heartbeat_interval_ms=250) as p:
+            quiet = await _ack_latencies(p, 2.0)
+            stop, counts = threading.Event(), {"batches": 0}
+            attacker = threading.Thread(target=_attack_with_many_types, args=(d.server.port, stop, counts))
+            attacker.start()
+            try:
+                attacked = await _ack_latencies(p, 3.0)
+            finally:
+                stop.set()
+                await asyncio.to_thread(attacker.join, 10)
+            assert p.reconnects == 0, "the well-behaved producer was dropped"
+        junk = d.router.stats.rejected.get(("<unknown>", Reason.UNKNOWN_TYPE), 0)
+    p99 = lambda xs: sorted(xs)[int(len(xs) * 0.99) - 1] * 1000  # noqa: E731
+    print(f"\ngood producer p99 ack latency: {p99(quiet):.1f} ms quiet, {p99(attacked):.1f} ms while "
+          f"{counts['batches']} batches of 4,096 unknown types arrived ({junk} junk events rejected)")
+    assert counts["batches"] > 50 and junk >= 4096 * 50  # the attack really ran
+    assert p99(attacked) < 1000, "ACKs of the good producer were held up by the attack"

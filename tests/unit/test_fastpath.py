@@ -31,6 +31,7 @@ from eventbroker.protocol import (
     Reason,
     Status,
     Welcome,
+    encode_ack_body,
 )
 
 KAFKA_BATCH_HEADER_BYTES = 61  # fixed part of a magic v2 record batch
@@ -1090,3 +1091,22 @@ def test_a_name_no_gateway_could_have_is_invalid_type_name():
                        b"a b": (fp.STATUS_REJECTED, fp.REASON_INVALID_TYPE_NAME),
                        b"x" * 65: (fp.STATUS_REJECTED, fp.REASON_INVALID_TYPE_NAME),
                        b"play": (fp.STATUS_ACCEPTED, fp.REASON_NONE)}
+
+
+def test_parts_of_unknown_types_are_answered_natively():
+    """ingest_answering encodes the ACK entries of types no ring has (however
+    many) and keeps only configured types' parts as Python results."""
+    play = make_ring("play")
+    router = make_router(play)
+    events = [("play", eid(1), 1, None, b"x")] + [(f"u{i:04d}", eid(i + 2), 1, None, b"y") for i in range(4000)] \
+        + [("Bad Name", eid(9999), 1, None, b"z")]
+    enc = fp.BatchEncoder()
+    for typ, ident, ts, key, value in events:
+        enc.add(typ.encode(), ident, ts, key, value)
+    seq, names, results, encoded, n, unknown, invalid = router.ingest_answering(reader_on(enc.finish(5)), 1)
+    assert [(r[0], r[1]) for r in results] == [(0, fp.STATUS_ACCEPTED)]
+    assert (n, unknown, invalid, len(encoded)) == (4001, 4000, 1, 4001 * 16)
+    ack = Ack.decode(encode_ack_body(seq, [], encoded, n))
+    assert {(names[e.type_index], e.status, e.reason, e.count) for e in ack.entries} == (
+        {(f"u{i:04d}".encode(), fp.STATUS_REJECTED, fp.REASON_UNKNOWN_TYPE, 1) for i in range(4000)}
+        | {(b"Bad Name", fp.STATUS_REJECTED, fp.REASON_INVALID_TYPE_NAME, 1)})

@@ -60,7 +60,7 @@ def _ingest(router: Router, target: _Target, seq: int, types: list[bytes], n: in
     reader = fp.FrameReader(1 << 24)
     reader.feed(enc.finish(seq))
     reader.next_frame()
-    _, answers, accepted = router.ingest(reader, 1, None, target)
+    _, answers, accepted, _, _ = router.ingest(reader, 1, None, target)
     assert answers == [] and accepted == len(types)
 
 
@@ -92,7 +92,7 @@ async def test_hung_type_is_shed_after_stall_timeout():
         reader = fp.FrameReader(1 << 20)
         reader.feed(enc.finish(2))
         reader.next_frame()
-        _, answers, accepted = router.ingest(reader, 1, None, target)
+        _, answers, accepted, _, _ = router.ingest(reader, 1, None, target)
         assert [(a.type_index, a.status, a.reason) for a in answers] == \
             [(0, fp.STATUS_RETRY_LATER, fp.REASON_KAFKA_UNAVAILABLE)]  # "hung"; "fast" (1) was accepted
         assert accepted == 1

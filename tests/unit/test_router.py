@@ -45,7 +45,7 @@ def _one_event(router: Router, name: bytes) -> None:
     reader = fp.FrameReader(1 << 20)
     reader.feed(enc.finish(1))
     reader.next_frame()
-    assert router.ingest(reader, 1, None, _Target())[1:] == ([], 1)
+    assert router.ingest(reader, 1, None, _Target())[1:3] == ([], 1)
 
 
 async def test_a_type_removed_twice_leaves_both_retiring_lanes_stopped_by_stop(tmp_path):

@@ -123,7 +123,7 @@ def test_a_hung_spool_write_hands_events_back_as_spool_unavailable(tmp_path):
 
         enc = fp.BatchEncoder()
         enc.add(b"audit", b"i" * 16, 1, None, b"payload")
-        _, answers, accepted = router.ingest(tf.reader_on(enc.finish(1)), 2, None, Target())
+        _, answers, accepted, _, _ = router.ingest(tf.reader_on(enc.finish(1)), 2, None, Target())
         assert (answers, accepted) == ([], 1)
         await asyncio.sleep(1.2)
         await router.stop(time.monotonic() + 1)

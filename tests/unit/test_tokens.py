@@ -58,3 +58,20 @@ def test_a_certificate_only_producer_cannot_be_claimed_with_an_empty_or_odd_secr
 def test_two_producers_cannot_share_a_certificate_subject():
     with pytest.raises(msgspec.ValidationError, match="same cert_subject"):
         msgspec.convert({"producers": {"a": {"cert_subject": "x"}, "b": {"cert_subject": "x"}}}, AuthConfig)
+
+
+def test_only_the_canonical_spelling_of_a_token_passes():
+    """The 43rd base64url character carries 2 spare bits: the three other
+    spellings decode to the same secret and must not pass."""
+    from eventbroker.errors import AuthFailed
+    from eventbroker.security.tokens import Authenticator
+
+    token, digest = create_token("checkout")
+    auth = Authenticator({"checkout": AuthProducer(token_hashes=[digest], types=["play"])})
+    assert auth.by_token(token.encode()).name == "checkout"
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    last = alphabet.index(token[-1])
+    for spare in (1, 2, 3):
+        other = token[:-1] + alphabet[last | spare]
+        with pytest.raises(AuthFailed):
+            auth.by_token(other.encode())

@@ -16,6 +16,7 @@ cdef enum:
     TS_HDR_BYTES = 15
     RECV_HDR_BYTES = 20
     C_MAX_TYPES_PER_BATCH = 4096
+    ACK_ENTRY_BYTES = 16  # an ACK entry's head: type_index, status, reason, count, retry_after_ms, index_count
 
 # Frame types, error codes, ack statuses and reasons (docs/protocol.md).
 cdef enum:

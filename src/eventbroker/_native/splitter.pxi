@@ -50,6 +50,22 @@ cdef class BatchSplitter:
         covers, else None; ``ring`` is set for C_STATUS_ACCEPTED parts. Nothing
         is written unless the whole frame is well formed.
         """
+        return self._ingest(reader, now_ms, allowed, False)[:3]
+
+    def ingest_answering(self, FrameReader reader not None, int64_t now_ms, object allowed=None):
+        """``ingest`` for the gateway: the parts of types no ring has (unknown
+        names, names no gateway could have) are answered here, in C, however
+        many a batch lists (up to 4096): their ACK entries come back encoded,
+        and ``results`` holds only the parts of configured types.
+
+        Returns ``(batch_seq, type_names, results, entries, n_entries,
+        unknown_type_events, invalid_type_name_events)``; ``entries`` is
+        ``n_entries`` ACK entries (16 bytes each, no indices) to append to the
+        batch's immediate ACK.
+        """
+        return self._ingest(reader, now_ms, allowed, True)
+
+    cdef tuple _ingest(self, FrameReader reader, int64_t now_ms, object allowed, bint answer_unknown):
         cdef const unsigned char *b = reader._body
         cdef Py_ssize_t blen = reader._body_len
         cdef Py_ssize_t pos, i, nt, ne, klen, vlen, need, ti
@@ -64,6 +80,9 @@ cdef class BatchSplitter:
         cdef Py_ssize_t start
         cdef Py_ssize_t admitted = 0
         cdef int reason
+        cdef bytes entries = b""
+        cdef unsigned char *w = NULL
+        cdef Py_ssize_t n_entries = 0, unknown_events = 0, invalid_events = 0
         if b == NULL or reader.frame_type != C_FRAME_EVENT_BATCH:
             raise ValueError("reader is not positioned on an EVENT_BATCH frame")
         if blen < 10:
@@ -134,6 +153,9 @@ cdef class BatchSplitter:
             if pos != blen:
                 raise ProtocolError(C_ERR_MALFORMED_FRAME, f"{blen - pos} bytes after the last event")
             # Decide each part: unknown, disabled, no room, or accepted.
+            if answer_unknown:
+                entries = PyBytes_FromStringAndSize(NULL, nt * ACK_ENTRY_BYTES)
+                w = <unsigned char *>PyBytes_AS_STRING(entries)
             for i in range(nt):
                 if acc[i].n == 0:
                     continue
@@ -144,6 +166,21 @@ cdef class BatchSplitter:
                         reason = C_REASON_UNKNOWN_TYPE
                     else:
                         reason = C_REASON_INVALID_TYPE_NAME  # no gateway could be configured with it
+                    if answer_unknown and not acc[i].forbidden:
+                        # type_index, status, reason, count, retry_after_ms 0, index_count 0
+                        eb_st16(w, <uint16_t>i)
+                        w[2] = C_STATUS_REJECTED
+                        w[3] = <unsigned char>reason
+                        eb_st32(w + 4, <uint32_t>acc[i].n)
+                        eb_st32(w + 8, 0)
+                        eb_st32(w + 12, 0)
+                        w += ACK_ENTRY_BYTES
+                        n_entries += 1
+                        if reason == C_REASON_UNKNOWN_TYPE:
+                            unknown_events += acc[i].n
+                        else:
+                            invalid_events += acc[i].n
+                        continue
                     results.append((i, C_STATUS_REJECTED, reason, acc[i].n, None, None))
                     continue
                 ring = <TypeRing>acc[i].ring
@@ -189,7 +226,9 @@ cdef class BatchSplitter:
                     continue
                 ring._write(ev, now_ms)
             self.batches_in += 1
-            return seq, names, results
+            if answer_unknown and n_entries < nt:
+                entries = entries[:n_entries * ACK_ENTRY_BYTES]
+            return seq, names, results, entries, n_entries, unknown_events, invalid_events
         finally:
             free(acc)
 

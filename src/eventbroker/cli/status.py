@@ -55,7 +55,11 @@ def render(prev: dict, cur: dict) -> str:
     lines = [f"workers {int(g.get('eventbroker_workers', 1))}   connections {int(g.get('eventbroker_connections', 0))}"
              f"   memory {g.get('eventbroker_memory_budget_used_bytes', 0) / 2**20:.0f}"
              f"/{g.get('eventbroker_memory_budget_limit_bytes', 0) / 2**20:.0f} MiB"
-             f"   draining {'yes' if g.get('eventbroker_draining') else 'no'}",
+             f"   draining {'yes' if g.get('eventbroker_draining') else 'no'}"]
+    if g.get("eventbroker_auth_open_despite_producers"):
+        lines.append("WARNING: producers are configured but auth.required = false: anonymous producers may send "
+                     "every type")
+    lines += [
              f"{'type':<20} {'state':<11} {'recv/s':>9} {'persist/s':>9} {'reject/s':>9} {'retry/s':>9} "
              f"{'fill':>6} {'spool':>9} {'persisted':>11} {'rejected':>9}"]
     for name in sorted(cur["types"]):

@@ -205,8 +205,9 @@ class AuthProducer(_Base, frozen=True):
 class AuthConfig(_Base, frozen=True):
     # true: every producer must authenticate (a token in HELLO, or a client
     # certificate named in [auth.producers]); false: anonymous producers may
-    # send every type, and tokens are still checked when presented.
-    required: bool = False
+    # send every type, and tokens are still checked when presented. Unset:
+    # true as soon as [auth.producers] names anyone (the secure choice), else false.
+    required: bool | None = None
     producers: dict[Annotated[str, Meta(pattern=r"^[A-Za-z0-9_\-]{1,64}$")], AuthProducer] = \
         msgspec.field(default_factory=dict)
     # An address with this many failed handshakes in a minute is refused
@@ -221,6 +222,15 @@ class AuthConfig(_Base, frozen=True):
                     raise ValueError(f"producers: {name} and {seen[p.cert_subject]} have the same cert_subject "
                                      f"{p.cert_subject!r}")
                 seen[p.cert_subject] = name
+
+    @property
+    def must_authenticate(self) -> bool:
+        return self.required if self.required is not None else bool(self.producers)
+
+    @property
+    def open_despite_producers(self) -> bool:
+        """Producers are configured, yet anonymous ones may send every type."""
+        return bool(self.producers) and not self.must_authenticate
 
 
 class LimitsConfig(_Base, frozen=True):

@@ -20,7 +20,6 @@ from eventbroker.config import ServerConfig
 from eventbroker.errors import AuthFailed, ProtocolError
 from eventbroker.gateway.router import Router
 from eventbroker.protocol import (
-    Ack,
     AckEntry,
     ErrorCode,
     ErrorFrame,
@@ -275,21 +274,21 @@ class Connection(asyncio.Protocol):
     def _on_batch(self) -> None:
         server = self._server
         batch = _InflightBatch(self, self._reader.body_length)
-        seq, answers, accepted = server.router.ingest(self._reader, int(time.time() * 1000), self.allowed, batch,
-                                                      server.draining)
+        got = server.router.ingest(self._reader, int(time.time() * 1000), self.allowed, batch, server.draining)
         server.stats.batches += 1
-        if accepted:  # their acks come when Kafka (or the spool) has them
-            batch.parts = accepted
-            self._parts_owed += accepted
+        if got.accepted:  # their acks come when Kafka (or the spool) has them
+            batch.parts = got.accepted
+            self._parts_owed += got.accepted
             self._inflight_bytes += batch.size
             if self._inflight_bytes > server.security.limits.max_inflight_bytes_per_connection:
                 server.security.stats.inflight_pauses += 1
                 self._pause("inflight")
-        if answers or not accepted:
-            # Listed (per-event) entries first, as the protocol asks. A batch
-            # with no events is answered with an empty ACK.
-            answers.sort(key=lambda e: not e.indices)
-            self._write(Ack(seq, tuple(answers)).encode())
+        if got.answered_now:
+            # Listed (per-event) entries first, as the protocol asks; the
+            # natively encoded ones (no indices) last.
+            got.answers.sort(key=lambda e: not e.indices)
+            body = encode_ack_body(got.batch_seq, got.answers, got.encoded, got.n_encoded)
+            self._write(encode_frame(FrameType.ACK, body))
 
     def part_answered(self, batch: _InflightBatch, batch_seq: int, entry: AckEntry) -> None:
         """Answer one accepted part; ACK frames go out once per loop iteration."""

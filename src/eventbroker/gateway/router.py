@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from eventbroker import _fastpath as fp
 from eventbroker.config import PRIORITY_BUDGET_SHARE, EventType, KafkaConfig, ServerConfig, SpoolConfig
@@ -44,6 +44,21 @@ def kafka_lanes(etype: EventType, sink: Sink, kcfg: KafkaConfig, requests: Prior
     if etype.ack != "kafka":
         raise ConfigError(f"type {etype.name}: ack = {etype.ack!r} needs a spool (eventbroker.spool.SpoolLanes)")
     return Lane(etype, sink, kcfg, requests)
+
+
+class Ingested(NamedTuple):
+    """What ``Router.ingest`` made of one batch."""
+
+    batch_seq: int
+    answers: list[AckEntry]  # answered now, configured types
+    accepted: int  # parts accepted: answered when delivered
+    encoded: bytes  # ACK entries for types no gateway ring has, encoded natively
+    n_encoded: int
+
+    @property
+    def answered_now(self) -> bool:
+        """Whether the batch gets an immediate ACK (a batch with no events gets an empty one)."""
+        return bool(self.answers or self.n_encoded or not self.accepted)
 
 
 class RouterStats:
@@ -101,13 +116,23 @@ class Router:
     # the hot path: once per batch
 
     def ingest(self, reader: fp.FrameReader, now_ms: int, allowed: frozenset[bytes] | None, target: AckTarget,
-               shutting_down: bool = False) -> tuple[int, list[AckEntry], int]:
+               shutting_down: bool = False) -> Ingested:
         """Split the reader's EVENT_BATCH frame into the rings.
 
-        Returns ``(batch_seq, answers, accepted)``: ACK entries for the parts
-        answered now (rejected, retry-later), and how many parts were accepted;
-        ``target`` is told about those when they are delivered."""
-        seq, names, results = self._splitter.ingest(reader, now_ms, allowed)
+        Returns the ACK entries for the parts answered now (rejected,
+        retry-later) and how many parts were accepted; ``target`` is told about
+        those when they are delivered. Parts of types no ring has are answered
+        natively (``encoded``): the Python work here is per configured type in
+        the batch, however many unknown names a producer lists."""
+        seq, names, results, encoded, n_encoded, unknown, invalid = \
+            self._splitter.ingest_answering(reader, now_ms, allowed)
+        key: tuple[str, int]
+        if unknown:
+            key = ("<unknown>", Reason.UNKNOWN_TYPE)
+            self.stats.rejected[key] = self.stats.rejected.get(key, 0) + unknown
+        if invalid:
+            key = ("<unknown>", Reason.INVALID_TYPE_NAME)
+            self.stats.rejected[key] = self.stats.rejected.get(key, 0) + invalid
         answers: list[AckEntry] = []
         accepted = 0
         by_name = self._by_name
@@ -129,7 +154,7 @@ class Router:
                     if shutting_down:
                         reason = Reason.SHUTTING_DOWN
             answers.append(AckEntry(ti, status, reason, count, retry_ms, tuple(indices or ())))
-        return seq, answers, accepted
+        return Ingested(seq, answers, accepted, encoded, n_encoded)
 
     def shed_all(self, why: str) -> None:
         """Hand back everything every type holds (after a bug while accepting a

@@ -129,6 +129,7 @@ class Daemon:
             self.router.start()
             self._start_adopter()
             self.security = Security(self.cfg.tls, self.cfg.auth, self.cfg.limits, self.types)
+            self.security.warn_if_open()
             self.server = IngestServer(self.cfg.server, self.router, self.security)
             try:
                 await self.server.start(reuse_port=self.reuse_port)

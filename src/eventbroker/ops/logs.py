@@ -30,6 +30,21 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out).decode()
 
 
+# Control characters (and Unicode line breaks) in a message are written as
+# escapes: peers choose strings that end up in log lines (client ids, type
+# names, certificate names), and a newline in one must not forge a line.
+_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
+_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record for people: the message's control characters escaped."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = record.message.translate(_ESCAPES)
+        return super().formatMessage(record)
+
+
 # syslog priorities for journald's "<N>" line prefix (SyslogLevelPrefix=yes).
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
@@ -71,7 +86,7 @@ def setup_logging(verbose: bool = False, fmt: str = "auto") -> None:
     else:
         worker = os.environ.get("EVENTBROKER_WORKER")
         who = f"[worker {worker}] " if worker is not None else ""
-        formatter = logging.Formatter(f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
+        formatter = TextFormatter(f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
     handler.setFormatter(_JournalPrefix(formatter) if _stderr_is_journal() else formatter)
     if fmt == "json":
         # Uncaught errors as JSON too, not as a bare traceback.

@@ -160,3 +160,8 @@ class _DaemonCollector(Collector):
             draining = GaugeMetricFamily("eventbroker_draining", "1 while the daemon drains (GOAWAY sent)")
             draining.add_metric([], 1 if server.draining else 0)
             yield draining
+            open_auth = GaugeMetricFamily(
+                "eventbroker_auth_open_despite_producers",
+                "1 when [auth.producers] names producers but auth.required = false lets anonymous ones send")
+            open_auth.add_metric([], 1 if server.security.auth.open_despite_producers else 0)
+            yield open_auth

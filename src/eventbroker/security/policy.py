@@ -55,6 +55,15 @@ class Security:
         self.trusted = frozenset(limits.trusted_proxies)
         self._failed.max_per_minute = auth.max_failures_per_minute
         self._failed.trusted = self.trusted
+        self.warn_if_open()
+
+    def warn_if_open(self) -> None:
+        """Log it when producers are configured but anonymous ones may send anyway."""
+        if self.auth.open_despite_producers:
+            log.warning("auth.required = false while [auth.producers] names %d producers: anonymous producers may "
+                        "send every type, and the type lists limit only those that present a token; set "
+                        "auth.required = true (or leave it out) to make every producer authenticate",
+                        len(self.auth.producers))
 
     def ssl_context(self) -> ssl.SSLContext | None:
         return server_ssl_context(self.tls) if self.tls.enabled else None
@@ -72,7 +81,7 @@ class Security:
             except AuthFailed:
                 # A certificate that names no producer never passes with a
                 # token (a stolen token must not work with any certificate).
-                if token or self.auth.required:
+                if token or self.auth.must_authenticate:
                     raise
         if token:
             ident = self.authenticator.by_token(token)
@@ -83,7 +92,7 @@ class Security:
             return ident
         if cert_id is not None:
             return cert_id
-        if self.auth.required:
+        if self.auth.must_authenticate:
             raise AuthFailed("no token and no known client certificate")
         return None
 

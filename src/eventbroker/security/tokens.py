@@ -83,6 +83,8 @@ class Authenticator:
             prefix, name, secret_s = token.decode("ascii").split(".", 2)
             if prefix == TOKEN_PREFIX and len(secret_s) == _SECRET_CHARS and _B64_ALPHABET.issuperset(secret_s):
                 secret = base64.urlsafe_b64decode(secret_s + "=")
+                if _b64(secret) != secret_s:  # the last character's 2 spare bits set: not the token we issued
+                    secret = b""
         except (UnicodeDecodeError, ValueError, TypeError):
             pass
         entry = self.producers.get(name) if secret else None
