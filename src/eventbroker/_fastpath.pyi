@@ -44,6 +44,7 @@ REASON_DISABLED: int
 REASON_INVALID: int
 REASON_FORBIDDEN: int
 REASON_INVALID_TYPE_NAME: int
+REASON_INVALID_TIMESTAMP: int
 REASON_OVERLOADED: int
 REASON_KAFKA_UNAVAILABLE: int
 REASON_SHUTTING_DOWN: int
@@ -125,8 +126,11 @@ IngestResult = tuple[int, int, int, int, list[int] | None, TypeRing | None]
 class BatchSplitter:
     max_events_per_batch: int
     max_event_bytes: int
+    max_timestamp_ahead_ms: int
+    max_timestamp_behind_ms: int
     batches_in: int
-    def __init__(self, *, max_events_per_batch: int, max_event_bytes: int) -> None: ...
+    def __init__(self, *, max_events_per_batch: int, max_event_bytes: int, max_timestamp_ahead_ms: int = 0,
+                 max_timestamp_behind_ms: int = 0) -> None: ...
     def add(self, ring: TypeRing) -> None: ...
     def remove(self, name: str) -> None: ...
     def get(self, name: str) -> TypeRing | None: ...

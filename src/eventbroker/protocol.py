@@ -30,6 +30,8 @@ TYPE_NAME_PATTERN: str = fp.TYPE_NAME_PATTERN  # the names a gateway can be conf
 # A batch of one event with the longest type name, besides its key and
 # payload: batch_seq, type_count, the name entry, event_count, event header.
 MAX_EVENT_FRAMING_BYTES: int = 8 + 2 + 1 + MAX_TYPE_NAME_BYTES + 4 + EVENT_HEADER_BYTES
+# The largest HELLO body: magic, version, flags, client_id and auth at their longest.
+MAX_HELLO_BYTES: int = 4 + 2 + 2 + 2 + MAX_CLIENT_ID_BYTES + 2 + 65535
 # Kafka record headers the gateway writes with every event.
 HEADER_EVENT_ID: bytes = fp.HEADER_EVENT_ID
 HEADER_EVENT_TYPE: bytes = fp.HEADER_EVENT_TYPE
@@ -85,6 +87,7 @@ class Reason(IntEnum):
     INVALID = fp.REASON_INVALID
     FORBIDDEN = fp.REASON_FORBIDDEN
     INVALID_TYPE_NAME = fp.REASON_INVALID_TYPE_NAME
+    INVALID_TIMESTAMP = fp.REASON_INVALID_TIMESTAMP
     OVERLOADED = fp.REASON_OVERLOADED
     KAFKA_UNAVAILABLE = fp.REASON_KAFKA_UNAVAILABLE
     SHUTTING_DOWN = fp.REASON_SHUTTING_DOWN

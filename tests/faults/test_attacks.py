@@ -15,7 +15,7 @@ import pytest
 from conftest import daemon_address
 from eventbroker import _fastpath as fp
 from eventbroker.client import Producer
-from eventbroker.protocol import Ack, FrameType, Hello, Reason, Status
+from eventbroker.protocol import MAX_HELLO_BYTES, Ack, ErrorCode, ErrorFrame, FrameType, Hello, Reason, Status
 
 MiB = 1024 * 1024
 
@@ -170,3 +170,126 @@ async def test_batches_of_thousands_of_unknown_types_do_not_stall_others(daemon_
           f"{counts['batches']} batches of 4,096 unknown types arrived ({junk} junk events rejected)")
     assert counts["batches"] > 50 and junk >= 4096 * 50  # the attack really ran
     assert p99(attacked) < 1000, "ACKs of the good producer were held up by the attack"
+
+
+def _hello_head(body_bytes: int) -> bytes:
+    """The 12-byte header of a HELLO frame announcing ``body_bytes`` (the checksum is never reached)."""
+    return struct.pack(">IBBHI", body_bytes, FrameType.HELLO, 0, 0, 0)
+
+
+async def _error(reader: asyncio.StreamReader, timeout_s: float = 5) -> ErrorFrame | None:
+    try:
+        head = await asyncio.wait_for(reader.readexactly(12), timeout_s)
+        return ErrorFrame.decode(await reader.readexactly(struct.unpack(">I", head[:4])[0]))
+    except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
+        return None
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_handshakes_hold_little_memory(daemon_factory):
+    """Before its HELLO a connection may send no frame larger than a HELLO
+    can be, and partial HELLOs together are bounded (limits.max_handshake_bytes):
+    past it a new one is refused, while complete HELLOs still pass."""
+    from eventbroker.config import LimitsConfig
+
+    async with daemon_factory({"play": {}}, limits=LimitsConfig(max_handshake_bytes=MiB)) as d:
+        port = d.server.port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_hello_head(MAX_HELLO_BYTES + 1))  # allowed by max_frame_bytes (1 MiB), not by a HELLO
+        err = await _error(reader)
+        writer.close()
+        assert err is not None and err.code == ErrorCode.BAD_HANDSHAKE and str(MAX_HELLO_BYTES) in err.message
+        held = []
+        for _ in range(40):  # 40 x 60 kB of unfinished HELLOs: 2.4 MB asked, 1 MiB allowed
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(_hello_head(65_000) + b"h" * 60_000)
+            await w.drain()
+            held.append((r, w))
+        await asyncio.sleep(0.5)
+        assert d.server.handshake_bytes <= MiB
+        refused = [e for e in await asyncio.gather(*(_error(r, 2) for r, _ in held)) if e is not None]
+        assert refused and all(e.code == ErrorCode.CONNECTION_LIMIT for e in refused)
+        assert d.security.stats.refused_handshake_budget == len(refused)
+        async with Producer(daemon_address(d), linger_ms=1) as p:  # a whole HELLO needs no buffer
+            assert await asyncio.wait_for(await p.send("play", b"fine"), 10)
+        for _, w in held:
+            w.close()
+        assert await _until(lambda: d.server.handshake_bytes == 0, 5)
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_refused_connections_and_admin_floods_hold_no_descriptors(daemon_factory):
+    """Connections over the per-address limit are closed within a fraction of
+    a second; the admin port closes connections past its own bound at once."""
+    from eventbroker.config import LimitsConfig
+
+    async with daemon_factory({"play": {}}, limits=LimitsConfig(max_connections_per_address=2)) as d:
+        port = d.server.port
+        keep = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+        t0 = time.monotonic()
+        flood = [await asyncio.open_connection("127.0.0.1", port) for _ in range(100)]
+        ends = await asyncio.gather(*(r.read() for r, _ in flood))  # ERROR frame, then the server's close
+        took = time.monotonic() - t0
+        assert all(ErrorFrame.decode(e[12:]).code == ErrorCode.CONNECTION_LIMIT for e in ends)
+        assert took < 1.0, f"100 refused connections took {took:.2f}s to be closed"
+        for _, w in keep + flood:
+            w.close()
+        host, aport = d.admin.address.rsplit(":", 1)
+        idle = [await asyncio.open_connection(host, int(aport)) for _ in range(100)]
+        await asyncio.sleep(0.3)
+        assert d.admin.open_connections <= 64 and d.admin.refused_connections >= 36
+        for _, w in idle:
+            w.close()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_producer_with_a_bad_clock_loses_only_its_own_events(daemon_factory, kafka_bootstrap):
+    """Timestamps two hours ahead are refused at the edge (invalid_timestamp)
+    for that producer; the type stays healthy for everyone else."""
+    from conftest import read_ids
+    from eventbroker.errors import EventRejected
+
+    async with daemon_factory({"play": {}}) as d:
+        topic = d.router.lanes["play"].etype.topic
+        async with Producer(daemon_address(d), linger_ms=1) as bad, Producer(daemon_address(d), linger_ms=1) as good:
+            ahead = int(time.time() * 1000) + 2 * 3600 * 1000
+            with pytest.raises(EventRejected) as ei:
+                await asyncio.wait_for(await bad.send("play", b"from the future", timestamp_ms=ahead), 10)
+            assert ei.value.reason == "invalid_timestamp"
+            ids = [await asyncio.wait_for(await good.send("play", b"now"), 10) for _ in range(50)]
+        assert d.router.lanes["play"].stats.sheds == 0
+    assert read_ids(kafka_bootstrap, topic, set(ids)) == set(ids)
+
+
+def test_a_client_id_with_a_newline_forges_no_log_line(tmp_path, kafka_bootstrap):
+    """The text log format escapes what a peer chose (here its client id)."""
+    import subprocess
+    import sys
+
+    from conftest import make_config, write_config
+    from eventbroker.kafka.embedded import free_port, wait_for_port
+
+    conf = write_config(tmp_path, make_config(kafka_bootstrap, {"play": {}}))
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "eventbroker.cli", "--log-format", "text", "serve",
+                                 "--single-process", "--config", str(conf), "--listen", f"127.0.0.1:{port}"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port("127.0.0.1", port, 60, proc)
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(Hello("evil\n2026-12-02 00:00:00,000 CRITICAL eventbroker: FORGED").encode())
+            s.sendall(fp.encode_frame(FrameType.WELCOME, b""))  # a frame producers may not send: logged, closed
+            with contextlib.suppress(OSError):
+                while s.recv(65536):
+                    pass
+        deadline = time.monotonic() + 10
+        while b"FORGED" not in log.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    lines = log.read_text().splitlines()
+    assert any("FORGED" in line for line in lines)
+    assert not any(line.startswith("2026-12-02 00:00:00,000 CRITICAL") for line in lines), lines

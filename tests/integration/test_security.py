@@ -7,9 +7,11 @@ well-behaved producer whose events must all be persisted."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import socket
+import ssl
 import struct
 import time
 from pathlib import Path
@@ -468,3 +470,65 @@ async def test_a_neighbours_failures_make_the_sdk_wait_not_fail(daemon_factory):
             eid = await asyncio.wait_for(await p.send("play", b"after the lock-out"), 15)
         assert eid and time.monotonic() - t0 >= 0.5  # it waited for the hint
         assert p.stats["connect_failures"] >= 1
+
+
+# --------------------------------------------------------------------------
+# from the independent attack test (issue 16)
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_refused_tls_handshakes_are_counted_by_reason(daemon_factory, pki):
+    """An old protocol and a missing client certificate never reach the
+    listener's protocol; their TLS alerts are counted by reason (metrics)."""
+    import msgspec
+
+    tls = msgspec.structs.replace(tls_cfg(pki, "required"), min_version="1.3")
+    async with daemon_factory({"play": {}}, tls=tls) as d:
+        port = d.server.port
+        old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        old.load_verify_locations(pki.ca_file)
+        old.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises((ssl.SSLError, ConnectionError)):
+            await asyncio.open_connection("localhost", port, ssl=old)
+        no_cert = ssl.create_default_context(cafile=pki.ca_file)
+        reader, writer = await asyncio.open_connection("localhost", port, ssl=no_cert)  # TLS 1.3: refused after
+        writer.write(Hello("no-cert").encode())
+        with contextlib.suppress(ssl.SSLError, ConnectionError, asyncio.IncompleteReadError):
+            await asyncio.wait_for(reader.read(100), 5)
+        writer.close()
+        refused = d.security.stats.tls_refused
+        for _ in range(50):
+            if "protocol_version" in refused and "certificate_required" in refused:
+                break
+            await asyncio.sleep(0.05)
+        assert refused.get("protocol_version", 0) >= 1 and refused.get("certificate_required", 0) >= 1, refused
+        text = d.metrics.render().decode()
+        assert 'eventbroker_tls_handshakes_refused_total{reason="protocol_version"}' in text
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_token_passes_only_in_its_canonical_spelling(daemon_factory):
+    auth, token = _auth(["play"])
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    twin = token[:-1] + alphabet[alphabet.index(token[-1]) | 1]  # the same secret bytes, another spelling
+    async with daemon_factory({"play": {}}, auth=auth) as d:
+        assert await raw_hello(d.server.port, twin.encode()) == (ErrorCode.AUTH_FAILED, "authentication failed")
+        assert await raw_hello(d.server.port, token.encode()) == "welcome"
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_configured_producers_make_authentication_required_unless_said_otherwise(daemon_factory, caplog):
+    """Producers with tokens and no auth.required: every producer must
+    authenticate (the secure choice). auth.required = false on purpose: the
+    gateway warns at start, and the metric eventbroker status reads says so."""
+    token, digest = create_token("checkout")
+    producers = {"checkout": AuthProducer(token_hashes=[digest], types=["play"])}
+    async with daemon_factory({"play": {}}, auth=AuthConfig(producers=producers)) as d:
+        assert await raw_hello(d.server.port) == (ErrorCode.AUTH_FAILED, "authentication failed")  # anonymous
+        assert await raw_hello(d.server.port, token.encode()) == "welcome"
+        assert "eventbroker_auth_open_despite_producers 0.0" in d.metrics.render().decode()
+    with caplog.at_level("WARNING"):
+        async with daemon_factory({"play": {}}, auth=AuthConfig(required=False, producers=producers)) as d:
+            assert await raw_hello(d.server.port) == "welcome"
+            assert "eventbroker_auth_open_despite_producers 1.0" in d.metrics.render().decode()
+    assert any("anonymous producers may send every type" in r.getMessage() for r in caplog.records)

@@ -78,7 +78,7 @@ cdef class FrameReader:
         const unsigned char *_body
         Py_ssize_t _body_len
         readonly int frame_type
-        readonly Py_ssize_t max_frame_bytes
+        public Py_ssize_t max_frame_bytes  # the gateway lowers it while a connection has not said HELLO
         readonly unsigned long long frames_read
 
     def __cinit__(self, Py_ssize_t max_frame_bytes):

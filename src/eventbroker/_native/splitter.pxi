@@ -19,11 +19,18 @@ cdef class BatchSplitter:
     cdef public Py_ssize_t max_events_per_batch
     cdef public Py_ssize_t max_event_bytes
     cdef public unsigned long long batches_in
+    # An event whose timestamp is further ahead of (behind) the gateway's
+    # clock than this is rejected invalid_timestamp; 0: no limit.
+    cdef public int64_t max_timestamp_ahead_ms
+    cdef public int64_t max_timestamp_behind_ms
 
-    def __init__(self, *, Py_ssize_t max_events_per_batch, Py_ssize_t max_event_bytes):
+    def __init__(self, *, Py_ssize_t max_events_per_batch, Py_ssize_t max_event_bytes,
+                 int64_t max_timestamp_ahead_ms=0, int64_t max_timestamp_behind_ms=0):
         self._rings = {}
         self.max_events_per_batch = max_events_per_batch
         self.max_event_bytes = max_event_bytes
+        self.max_timestamp_ahead_ms = max_timestamp_ahead_ms
+        self.max_timestamp_behind_ms = max_timestamp_behind_ms
 
     def add(self, TypeRing ring not None):
         self._rings[ring.name_bytes] = ring
@@ -142,7 +149,7 @@ cdef class BatchSplitter:
                 if acc[ti].ring == NULL:
                     continue
                 ring = <TypeRing>acc[ti].ring
-                reason = _event_reason(ev, klen, vlen, ring, self.max_event_bytes)
+                reason = _event_reason(ev, klen, vlen, ring, self, now_ms)
                 if reason:
                     if rejected_lists[ti] is None:
                         rejected_lists[ti] = {}
@@ -222,7 +229,7 @@ cdef class BatchSplitter:
                 if acc[ti].status != C_STATUS_ACCEPTED:
                     continue
                 ring = <TypeRing>acc[ti].ring
-                if _event_reason(ev, klen, vlen, ring, self.max_event_bytes):
+                if _event_reason(ev, klen, vlen, ring, self, now_ms):
                     continue
                 ring._write(ev, now_ms)
             self.batches_in += 1
@@ -254,14 +261,19 @@ def valid_type_name(bytes name not None):
 
 
 cdef inline int _event_reason(const unsigned char *ev, Py_ssize_t klen, Py_ssize_t vlen,
-                              TypeRing ring, Py_ssize_t global_max):
+                              TypeRing ring, BatchSplitter splitter, int64_t now_ms):
     cdef uint64_t id_hi, id_lo
+    cdef int64_t ts
     if vlen == 0 or (ev[8] & 0x80):  # empty payload, or a negative timestamp
         return C_REASON_INVALID
     memcpy(&id_hi, ev + 16, 8)
     memcpy(&id_lo, ev + 24, 8)
     if id_hi == 0 and id_lo == 0:
         return C_REASON_INVALID
-    if klen + vlen > ring.max_event_bytes or klen + vlen > global_max:
+    if klen + vlen > ring.max_event_bytes or klen + vlen > splitter.max_event_bytes:
         return C_REASON_TOO_LARGE
+    ts = <int64_t>eb_ld64(ev + 8)
+    if (splitter.max_timestamp_ahead_ms and ts > now_ms + splitter.max_timestamp_ahead_ms) or \
+            (splitter.max_timestamp_behind_ms and ts < now_ms - splitter.max_timestamp_behind_ms):
+        return C_REASON_INVALID_TIMESTAMP
     return 0

@@ -41,6 +41,12 @@ class ServerConfig(_Base, frozen=True):
     max_frame_bytes: Annotated[int, Meta(ge=1024, le=64 * 1024 * 1024)] = 1024 * 1024
     max_event_bytes: Annotated[int, Meta(ge=1)] = 512 * 1024
     max_events_per_batch: Annotated[int, Meta(ge=1, le=1_000_000)] = 65536
+    # Events timestamped further ahead of the gateway's clock (behind it) are
+    # rejected invalid_timestamp, so one producer's bad clock costs only its
+    # own events; keep them at least as strict as the topics'
+    # message.timestamp.after.max.ms / before.max.ms. 0: no limit.
+    max_timestamp_ahead_ms: Annotated[int, Meta(ge=0)] = 3_600_000
+    max_timestamp_behind_ms: Annotated[int, Meta(ge=0)] = 0
     heartbeat_interval_ms: Annotated[int, Meta(ge=100)] = 5000
     drain_timeout_ms: Annotated[int, Meta(ge=0)] = 10_000
     # All types' buffers together. Under pressure low types are answered
@@ -242,6 +248,10 @@ class LimitsConfig(_Base, frozen=True):
     # Bytes of a connection's batches accepted but not yet answered; above it
     # the connection is not read from until acks bring it back under.
     max_inflight_bytes_per_connection: Annotated[int, Meta(ge=1024 * 1024)] = 64 * 1024 * 1024
+    # Bytes of partial HELLOs held for connections that have not finished
+    # their handshake, all together; above it new partial HELLOs are refused
+    # (CONNECTION_LIMIT). Each is at most 65,802 bytes (a HELLO's largest size).
+    max_handshake_bytes: Annotated[int, Meta(ge=1024 * 1024)] = 64 * 1024 * 1024
     # Addresses of load balancers: every producer behind one shares its
     # address, so the per-address limit and the failed-handshake refusal do
     # not apply to them (the load balancer must rate-limit instead).

@@ -20,6 +20,7 @@ from eventbroker.config import ServerConfig
 from eventbroker.errors import AuthFailed, ProtocolError
 from eventbroker.gateway.router import Router
 from eventbroker.protocol import (
+    MAX_HELLO_BYTES,
     AckEntry,
     ErrorCode,
     ErrorFrame,
@@ -43,6 +44,7 @@ log = logging.getLogger("eventbroker.server")
 
 _HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
 _LINGER_S = 1.0
+_REFUSED_LINGER_S = 0.1
 # Framing errors before the handshake mean the peer does not speak this protocol.
 _NOT_OUR_PROTOCOL = {ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNKNOWN_FRAME_TYPE, ErrorCode.MALFORMED_FRAME}
 
@@ -55,6 +57,7 @@ class Listener(Protocol):
     security: Security
     server_id: str
     draining: bool
+    handshake_bytes: int  # partial HELLOs buffered by all connections in their handshake
 
     @property
     def stats(self) -> ConnectionStats: ...
@@ -113,7 +116,9 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, server: Listener) -> None:
         self._server = server
-        self._reader = fp.FrameReader(server.cfg.max_frame_bytes)
+        # Until HELLO, a frame can be no larger than a HELLO can be.
+        self._reader = fp.FrameReader(MAX_HELLO_BYTES)
+        self._handshake_buffered = 0
         self._transport: asyncio.Transport | None = None
         self._state = _HANDSHAKE
         self._pending_acks: dict[int, list[AckEntry]] = {}
@@ -147,7 +152,10 @@ class Connection(asyncio.Protocol):
         self.last_rx = loop.time()
         refusal = self._server.connection_opened(self)
         if refusal is not None:
-            self.close_with_error(*refusal)
+            # A refused connection is let go almost at once: a flood of them
+            # must not hold a file descriptor each for the whole linger.
+            code, message, *hint = refusal
+            self.close_with_error(code, message, hint[0] if hint else 0, linger_s=_REFUSED_LINGER_S)
             return
         limits = self._server.security.limits
         self._timer = loop.call_later(limits.handshake_timeout_ms / 1000, self._handshake_timeout)
@@ -166,6 +174,8 @@ class Connection(asyncio.Protocol):
             while True:
                 ftype = reader.next_frame()
                 if ftype < 0:
+                    if self._state == _HANDSHAKE:
+                        self._count_handshake_bytes()
                     return
                 self.last_rx = self._server.now()  # whole frames only: trickled bytes do not count
                 if ftype == FrameType.EVENT_BATCH and self._state == _OPEN:
@@ -206,7 +216,25 @@ class Connection(asyncio.Protocol):
             return True
         return None  # close the transport
 
+    def _count_handshake_bytes(self) -> None:
+        """A partial HELLO is held in memory: count it against max_handshake_bytes."""
+        held = self._reader.buffered_bytes
+        server = self._server
+        server.handshake_bytes += held - self._handshake_buffered
+        self._handshake_buffered = held
+        limit = server.security.limits.max_handshake_bytes
+        if held and server.handshake_bytes > limit:
+            server.security.stats.refused_handshake_budget += 1
+            self._release_handshake_bytes()
+            self.close_with_error(ErrorCode.CONNECTION_LIMIT, f"too many handshakes in progress (limits."
+                                  f"max_handshake_bytes = {limit}); connect again in a moment")
+
+    def _release_handshake_bytes(self) -> None:
+        self._server.handshake_bytes -= self._handshake_buffered
+        self._handshake_buffered = 0
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._release_handshake_bytes()
         self._state = _CLOSED
         self.closed = True
         self._pending_acks.clear()
@@ -258,6 +286,8 @@ class Connection(asyncio.Protocol):
             self._timer = None
         self.client_id = hello.client_id
         cfg = self._server.cfg
+        self._release_handshake_bytes()
+        self._reader.max_frame_bytes = cfg.max_frame_bytes
         self._write(
             Welcome(
                 max_frame_bytes=cfg.max_frame_bytes,
@@ -325,7 +355,7 @@ class Connection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)
 
-    def close_with_error(self, code: int, message: str, retry_after_ms: int = 0) -> None:
+    def close_with_error(self, code: int, message: str, retry_after_ms: int = 0, linger_s: float = _LINGER_S) -> None:
         """Send an ERROR frame and close (FIN, a short linger for the peer to read it)."""
         if self._state == _CLOSED:
             return
@@ -346,8 +376,8 @@ class Connection(asyncio.Protocol):
         if t.can_write_eof():
             t.write_eof()
         loop = asyncio.get_running_loop()
-        loop.call_later(_LINGER_S, t.close)
-        loop.call_later(_LINGER_S + 5, t.abort)  # a peer that does not read: do not wait for it
+        loop.call_later(linger_s, t.close)
+        loop.call_later(linger_s + 5 * (linger_s / _LINGER_S), t.abort)  # a peer that does not read: do not wait
         self._server.connection_closed(self)  # no longer counted against the limits
 
     # what the listener asks

@@ -79,6 +79,8 @@ class Router:
         self._splitter = fp.BatchSplitter(
             max_events_per_batch=server_cfg.max_events_per_batch,
             max_event_bytes=server_cfg.max_event_bytes,
+            max_timestamp_ahead_ms=server_cfg.max_timestamp_ahead_ms,
+            max_timestamp_behind_ms=server_cfg.max_timestamp_behind_ms,
         )
         self._budget = fp.MemoryBudget(server_cfg.memory_budget_bytes)
         self.requests = PrioritySlots(kcfg.max_inflight_requests)
@@ -224,6 +226,8 @@ class Router:
         added = self._make_lanes(new_types, kcfg)
         self._splitter.max_events_per_batch = server_cfg.max_events_per_batch
         self._splitter.max_event_bytes = server_cfg.max_event_bytes
+        self._splitter.max_timestamp_ahead_ms = server_cfg.max_timestamp_ahead_ms
+        self._splitter.max_timestamp_behind_ms = server_cfg.max_timestamp_behind_ms
         if self._budget.limit_bytes != server_cfg.memory_budget_bytes:
             changes.append(f"memory budget {self._budget.limit_bytes} -> {server_cfg.memory_budget_bytes} bytes")
             self._budget.limit_bytes = server_cfg.memory_budget_bytes

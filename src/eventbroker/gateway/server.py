@@ -29,6 +29,7 @@ class IngestServer:
         self.server_id = cfg.server_id or default_server_id()
         self.stats = ConnectionStats()
         self.draining = False
+        self.handshake_bytes = 0
         self._server: asyncio.Server | None = None
         self._conns: set[Connection] = set()
         self._per_addr: dict[str, int] = {}

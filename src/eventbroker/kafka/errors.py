@@ -33,9 +33,10 @@ class ErrorClass(Enum):
 _NETWORK_EXCEPTION = 13
 _REFRESH_CODES = frozenset({Errors.ReplicaNotAvailableError.errno, _NETWORK_EXCEPTION})
 _TOO_LARGE = (Errors.MessageSizeTooLargeError, Errors.RecordListTooLargeError)
-# INVALID_RECORD (87) is newer than aiokafka's table.
+# INVALID_RECORD (87) is newer than aiokafka's table; INVALID_TIMESTAMP (32):
+# the broker refuses this record's timestamp, not the topic.
 _INVALID_RECORD = 87
-_INVALID_CODES = frozenset({Errors.CorruptRecordException.errno, _INVALID_RECORD})
+_INVALID_CODES = frozenset({Errors.CorruptRecordException.errno, Errors.InvalidTimestampError.errno, _INVALID_RECORD})
 # A topic whose metadata says this cannot be written however often one retries.
 _UNWRITABLE_TOPIC = (Errors.UnknownTopicOrPartitionError, Errors.InvalidTopicError,
                      Errors.TopicAuthorizationFailedError)

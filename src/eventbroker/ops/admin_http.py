@@ -22,6 +22,11 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
             413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 _MAX_HEAD = 8192
 _MAX_BODY = 1 << 20
+# A few clients (Prometheus, a load balancer, `eventbroker status`) at a time:
+# past this many open connections new ones are closed at once, and a request
+# must arrive whole within _READ_TIMEOUT_S.
+_MAX_CONNECTIONS = 64
+_READ_TIMEOUT_S = 5.0
 
 
 class AdminServer:
@@ -31,6 +36,8 @@ class AdminServer:
         self.routes = dict(routes)
         self._server: asyncio.Server | None = None
         self.address = ""
+        self.open_connections = 0
+        self.refused_connections = 0
 
     async def start_tcp(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
@@ -55,8 +62,19 @@ class AdminServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.open_connections >= _MAX_CONNECTIONS:
+            self.refused_connections += 1
+            writer.transport.abort()
+            return
+        self.open_connections += 1
         try:
-            status, ctype, body = await asyncio.wait_for(self._respond(reader), 10)
+            await self._serve(reader, writer)
+        finally:
+            self.open_connections -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            status, ctype, body = await asyncio.wait_for(self._respond(reader), _READ_TIMEOUT_S)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             writer.close()
             return

@@ -145,6 +145,8 @@ class _DaemonCollector(Collector):
                  sec.refused_total_limit),
                 ("eventbroker_connections_refused_address_limit",
                  "Connections refused at limits.max_connections_per_address", sec.refused_address_limit),
+                ("eventbroker_connections_refused_handshake_budget",
+                 "Partial HELLOs refused at limits.max_handshake_bytes", sec.refused_handshake_budget),
                 ("eventbroker_inflight_limit_pauses",
                  "Times a connection stopped being read at limits.max_inflight_bytes_per_connection",
                  sec.inflight_pauses),
@@ -152,6 +154,12 @@ class _DaemonCollector(Collector):
                 c = CounterMetricFamily(name, help_)
                 c.add_metric([], value)
                 yield c
+            tls = CounterMetricFamily("eventbroker_tls_handshakes_refused",
+                                      "TLS handshakes that failed, by reason (an old protocol, a bad certificate, ...)",
+                                      labels=["reason"])
+            for reason, n in sorted(sec.tls_refused.items()):
+                tls.add_metric([reason], n)
+            yield tls
             by_code = CounterMetricFamily("eventbroker_error_frames", "Connections closed with an ERROR frame, by code",
                                           labels=["code"])
             for code, n in sorted(st.errors_by_code.items()):

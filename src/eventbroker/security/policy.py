@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from collections.abc import Iterable
 
 from eventbroker.config import AuthConfig, LimitsConfig, TlsConfig
@@ -23,7 +24,7 @@ log = logging.getLogger("eventbroker.security")
 
 class SecurityStats:
     __slots__ = ("auth_failures", "auth_refused_addresses", "handshake_timeouts", "idle_timeouts",
-                 "refused_total_limit", "refused_address_limit", "inflight_pauses")
+                 "refused_total_limit", "refused_address_limit", "inflight_pauses", "refused_handshake_budget", "tls_refused")
 
     def __init__(self) -> None:
         self.auth_failures = 0
@@ -33,6 +34,8 @@ class SecurityStats:
         self.refused_total_limit = 0
         self.refused_address_limit = 0
         self.inflight_pauses = 0
+        self.refused_handshake_budget = 0
+        self.tls_refused: dict[str, int] = {}  # failed TLS handshakes, by reason (OpenSSL's, lower case)
 
 
 class Security:
@@ -45,6 +48,7 @@ class Security:
         self.stats = SecurityStats()
         self.trusted = frozenset(limits.trusted_proxies)
         self._failed = FailedHandshakes(auth.max_failures_per_minute, self.trusted)
+        self._tls_logged: dict[str, float] = {}
 
     def replace(self, auth: AuthConfig, limits: LimitsConfig, type_names: Iterable[str]) -> None:
         """A reload: new producers, patterns and limits (TLS needs a restart)."""
@@ -66,7 +70,15 @@ class Security:
                         len(self.auth.producers))
 
     def ssl_context(self) -> ssl.SSLContext | None:
-        return server_ssl_context(self.tls) if self.tls.enabled else None
+        return server_ssl_context(self.tls, self._tls_refused) if self.tls.enabled else None
+
+    def _tls_refused(self, reason: str) -> None:
+        refused = self.stats.tls_refused
+        refused[reason] = refused.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self._tls_logged.get(reason, 0.0) >= 1.0:  # a flood of them must not flood the log
+            self._tls_logged[reason] = now
+            log.info("TLS handshake refused: %s (%d so far)", reason, refused[reason])
 
     # identities
 

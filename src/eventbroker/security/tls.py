@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
+from collections.abc import Callable
 
 from eventbroker.config import TlsConfig
 from eventbroker.errors import AuthFailed
@@ -12,7 +13,18 @@ from eventbroker.errors import AuthFailed
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
-def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+# A fatal TLS alert (level 2), as OpenSSL's message callback reports it.
+_FATAL = 2
+
+
+def server_ssl_context(tls: TlsConfig, on_refusal: Callable[[str], None] | None = None) -> ssl.SSLContext:
+    """The listener's context. ``on_refusal(reason)`` is told about every
+    fatal TLS alert the gateway sends (``protocol_version``, ``unknown_ca``,
+    ``handshake_failure``, ...) or receives (``peer:bad_certificate``): the
+    only trace a refused handshake leaves, since the listener's protocol never
+    sees such a connection. (A peer that does not speak TLS at all gets no
+    alert and is not counted.) Python's ``_msg_callback`` is the hook: OpenSSL
+    calls it per TLS message, so it stays a few comparisons long."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_TLS12_CIPHERS)
@@ -21,6 +33,15 @@ def server_ssl_context(tls: TlsConfig) -> ssl.SSLContext:
     if tls.client_auth != "none":
         ctx.load_verify_locations(cafile=tls.client_ca_file)
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.client_auth == "required" else ssl.CERT_OPTIONAL
+    if on_refusal is not None:
+        alert = ssl._TLSContentType.ALERT  # type: ignore[attr-defined]
+
+        def on_message(_conn, direction, _version, content_type, msg_type, data) -> None:
+            if content_type == alert and data[:1] == bytes((_FATAL,)):
+                name = getattr(msg_type, "name", str(msg_type)).lower()
+                on_refusal(name if direction == "write" else f"peer:{name}")
+
+        ctx._msg_callback = on_message  # type: ignore[attr-defined]
     return ctx
 
 
