@@ -293,3 +293,78 @@ def test_a_client_id_with_a_newline_forges_no_log_line(tmp_path, kafka_bootstrap
     lines = log.read_text().splitlines()
     assert any("FORGED" in line for line in lines)
     assert not any(line.startswith("2026-12-02 00:00:00,000 CRITICAL") for line in lines), lines
+
+
+async def _reused_seq_flood(port: int, stop: asyncio.Event) -> None:
+    reader, writer = await _open(port)
+    frame = _batch(7, 1, 10_000, 5)
+    drain = asyncio.ensure_future(reader.read(-1))
+    try:
+        while not stop.is_set():
+            writer.write(frame)
+            await writer.drain()
+            await asyncio.sleep(0.002)
+    finally:
+        writer.close()
+        drain.cancel()
+
+
+async def _bad_hellos(port: int, stop: asyncio.Event) -> None:
+    while not stop.is_set():  # from another address, as a neighbour would
+        with contextlib.suppress(OSError):
+            r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+            w.write(Hello("guess", auth=b"ebt1.checkout." + b"A" * 43).encode())
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(r.read(100), 1)
+            w.close()
+        await asyncio.sleep(0.01)
+
+
+async def _partial_hellos(port: int, stop: asyncio.Event) -> None:
+    held = []
+    while not stop.is_set():
+        with contextlib.suppress(OSError):
+            r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0))
+            w.write(_hello_head(65_000) + b"h" * 60_000)
+            held.append(w)
+        await asyncio.sleep(0.005)
+    for w in held:
+        w.close()
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_a_good_producer_beside_the_attacks(daemon_factory):
+    """Attacks 1, 3 and 4 of the attack test at once (a reused batch_seq flood,
+    bad HELLOs from a neighbour, partial HELLOs), with item 2's many-type
+    batches from a thread: the well-behaved producer stays connected and its
+    ACKs stay prompt. Prints its p99 ACK latency without and with them."""
+    from eventbroker.config import AuthConfig, AuthProducer, LimitsConfig
+    from eventbroker.security.tokens import create_token
+
+    token, digest = create_token("good")
+    auth = AuthConfig(required=False, max_failures_per_minute=3,
+                      producers={"good": AuthProducer(token_hashes=[digest], types=["*"])})
+    limits = LimitsConfig(idle_timeout_ms=1000, max_inflight_bytes_per_connection=MiB)
+    async with daemon_factory({"play": {}}, limits=limits, auth=auth) as d:
+        async with Producer(daemon_address(d), linger_ms=0, heartbeat_interval_ms=250, token=token) as p:
+            quiet = await _ack_latencies(p, 2.0)
+            stop, thread_stop, counts = asyncio.Event(), threading.Event(), {"batches": 0}
+            port = d.server.port
+            attacks = [asyncio.ensure_future(f(port, stop)) for f in (_reused_seq_flood, _bad_hellos, _partial_hellos)]
+            many = threading.Thread(target=_attack_with_many_types, args=(port, thread_stop, counts))
+            many.start()
+            try:
+                attacked = await _ack_latencies(p, 3.0)
+            finally:
+                stop.set()
+                thread_stop.set()
+                await asyncio.gather(*attacks, return_exceptions=True)
+                await asyncio.to_thread(many.join, 10)
+            assert p.reconnects == 0, "the well-behaved producer was dropped"
+        sec = d.security.stats
+    p99 = lambda xs: sorted(xs)[int(len(xs) * 0.99) - 1] * 1000  # noqa: E731
+    print(f"\ngood producer p99 ack latency: {p99(quiet):.1f} ms quiet, {p99(attacked):.1f} ms beside the attacks "
+          f"({counts['batches']} many-type batches, {sec.auth_failures} bad HELLOs, {sec.auth_refused_addresses} "
+          f"lock-outs, {sec.refused_handshake_budget} partial HELLOs refused)")
+    assert sec.auth_refused_addresses >= 1 and counts["batches"] > 20  # the attacks really ran
+    assert p99(attacked) < 1000
