@@ -15,6 +15,7 @@ import pytest
 from conftest import daemon_address
 from eventbroker import _fastpath as fp
 from eventbroker.client import Producer
+from eventbroker.ops.admin_http import http_request
 from eventbroker.protocol import MAX_HELLO_BYTES, Ack, ErrorCode, ErrorFrame, FrameType, Hello, Reason, Status
 
 MiB = 1024 * 1024
@@ -235,9 +236,11 @@ async def test_refused_connections_and_admin_floods_hold_no_descriptors(daemon_f
         for _, w in keep + flood:
             w.close()
         host, aport = d.admin.address.rsplit(":", 1)
-        idle = [await asyncio.open_connection(host, int(aport)) for _ in range(100)]
+        idle = [await asyncio.open_connection(host, int(aport)) for _ in range(100)]  # never send a request
         await asyncio.sleep(0.3)
         assert d.admin.open_connections <= 64 and d.admin.refused_connections >= 36
+        status, body = await http_request(d.admin.address, "GET", "/healthz")  # still answered
+        assert status == 200, body
         for _, w in idle:
             w.close()
 

@@ -219,6 +219,11 @@ cdef class FrameReader:
         return self._body_len
 
     @property
+    def buffer_capacity(self):
+        """Bytes allocated for partial frames (at least 64 KiB once one was held)."""
+        return self._buf_cap
+
+    @property
     def buffered_bytes(self):
         """Bytes of an incomplete frame held back (non-zero at EOF = truncated)."""
         return (self._buf_end - self._buf_start) + (self._src_len - self._src_pos)

@@ -47,6 +47,7 @@ from eventbroker.protocol import (
 
 log = logging.getLogger("eventbroker.client")
 
+_MAX_LOCKOUT_WAIT_S = 60.0
 _FATAL_CODES = {ErrorCode.BAD_HANDSHAKE, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.AUTH_FAILED}
 
 
@@ -425,7 +426,8 @@ class Producer:
                 if e.retry_after_ms:  # locked out for a while (not our credentials): wait, then try again
                     self._last_conn_error = f"{e.message} (error {e.code})"
                     log.warning("the server asks to connect again in %.1fs: %s", e.retry_after_ms / 1000, e.message)
-                    await asyncio.sleep(e.retry_after_ms / 1000 * (1 + random.random() / 4))
+                    wait_s = min(e.retry_after_ms / 1000, _MAX_LOCKOUT_WAIT_S)  # a lock-out lasts a minute
+                    await asyncio.sleep(wait_s * (1 + random.random() / 4))
                 conn = None
             except (OSError, TimeoutError, ConnectionError) as e:
                 host, port = self._servers[self._server_idx % len(self._servers)]

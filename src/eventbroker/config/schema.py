@@ -35,6 +35,9 @@ class _Base(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, omit_
     pass
 
 
+_TEN_YEARS_MS = 10 * 366 * 24 * 3600 * 1000
+
+
 class ServerConfig(_Base, frozen=True):
     listen: str = DEFAULT_LISTEN
     server_id: str = ""
@@ -45,8 +48,8 @@ class ServerConfig(_Base, frozen=True):
     # rejected invalid_timestamp, so one producer's bad clock costs only its
     # own events; keep them at least as strict as the topics'
     # message.timestamp.after.max.ms / before.max.ms. 0: no limit.
-    max_timestamp_ahead_ms: Annotated[int, Meta(ge=0)] = 3_600_000
-    max_timestamp_behind_ms: Annotated[int, Meta(ge=0)] = 0
+    max_timestamp_ahead_ms: Annotated[int, Meta(ge=0, le=_TEN_YEARS_MS)] = 3_600_000
+    max_timestamp_behind_ms: Annotated[int, Meta(ge=0, le=_TEN_YEARS_MS)] = 0
     heartbeat_interval_ms: Annotated[int, Meta(ge=100)] = 5000
     drain_timeout_ms: Annotated[int, Meta(ge=0)] = 10_000
     # All types' buffers together. Under pressure low types are answered

@@ -217,8 +217,9 @@ class Connection(asyncio.Protocol):
         return None  # close the transport
 
     def _count_handshake_bytes(self) -> None:
-        """A partial HELLO is held in memory: count it against max_handshake_bytes."""
-        held = self._reader.buffered_bytes
+        """A partial HELLO is held in memory: count what its buffer takes
+        (allocated, at least 64 KiB) against max_handshake_bytes."""
+        held = self._reader.buffer_capacity if self._reader.buffered_bytes else self._handshake_buffered
         server = self._server
         server.handshake_bytes += held - self._handshake_buffered
         self._handshake_buffered = held
@@ -390,11 +391,6 @@ class Connection(asyncio.Protocol):
     def acks_unread_since_before(self, cutoff: float) -> bool:
         """Paused since before ``cutoff`` because the producer does not read its acks."""
         return "acks" in self._paused_for and not self.closed and self.paused_since.get("acks", 0) < cutoff
-
-    def paused_since_before(self, cutoff: float) -> bool:
-        """Not read from since before ``cutoff`` (for any reason)."""
-        return bool(self._paused_for) and not self.closed and min(
-            self.paused_since.get(why, 0) for why in self._paused_for) < cutoff
 
     def peer_hung_up(self) -> bool:
         """A connection we stopped reading never sees the peer's FIN on its

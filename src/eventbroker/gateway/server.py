@@ -66,24 +66,25 @@ class IngestServer:
         while True:
             idle_s = self.security.limits.idle_timeout_ms / 1000
             await asyncio.sleep(min(1.0, idle_s / 4))
-            cutoff = self.now() - idle_s
-            for conn in [c for c in self._conns if c.idle_since_before(cutoff)]:
-                self.security.stats.idle_timeouts += 1
-                conn.close_with_error(ErrorCode.TIMEOUT, f"nothing received for {idle_s:.0f}s (idle timeout)")
-            # One that has not read its acks for as long: it will not; drop it.
-            for conn in [c for c in self._conns if c.acks_unread_since_before(cutoff)]:
-                self.security.stats.idle_timeouts += 1
-                log.info("closing connection from %s: it has not read its acks for %.0fs", conn.peer, idle_s)
-                conn.drop()
-            # Any other connection we have not read from for as long is stuck
-            # (acks come back within stall_timeout_ms even when Kafka is away).
-            for conn in [c for c in self._conns if c.paused_since_before(cutoff)]:
-                self.security.stats.idle_timeouts += 1
-                log.info("closing connection from %s: not read from for %.0fs", conn.peer, idle_s)
-                conn.drop()
-            # A peer that hung up while we were not reading it: read its last bytes and its end of stream.
-            for conn in [c for c in self._conns if c.peer_hung_up()]:
-                conn.read_to_the_end()
+            try:
+                self._sweep(idle_s)
+            except Exception:  # a bug here must not end idle timeouts for good
+                log.exception("the idle sweep failed")
+
+    def _sweep(self, idle_s: float) -> None:
+        cutoff = self.now() - idle_s
+        for conn in [c for c in self._conns if c.idle_since_before(cutoff)]:
+            self.security.stats.idle_timeouts += 1
+            conn.close_with_error(ErrorCode.TIMEOUT, f"nothing received for {idle_s:.0f}s (idle timeout)")
+        # One that has not read its acks for as long: it will not; drop it.
+        for conn in [c for c in self._conns if c.acks_unread_since_before(cutoff)]:
+            self.security.stats.idle_timeouts += 1
+            log.info("closing connection from %s: it has not read its acks for %.0fs", conn.peer, idle_s)
+            conn.drop()
+        # A peer that hung up while we were not reading it: read its last
+        # bytes and its end of stream (then the idle rule above applies).
+        for conn in [c for c in self._conns if c.peer_hung_up()]:
+            conn.read_to_the_end()
 
     @property
     def addresses(self) -> list[str]:

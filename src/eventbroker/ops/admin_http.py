@@ -22,11 +22,14 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
             413: "Payload Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 _MAX_HEAD = 8192
 _MAX_BODY = 1 << 20
-# A few clients (Prometheus, a load balancer, `eventbroker status`) at a time:
-# past this many open connections new ones are closed at once, and a request
-# must arrive whole within _READ_TIMEOUT_S.
+# A few clients (Prometheus, a load balancer, `eventbroker status`) at a time.
+# Past this many open connections the oldest one still waiting for its
+# request head is dropped to make room (so idle sockets cannot lock out the
+# health checks); a head must arrive within _HEAD_TIMEOUT_S, a response be
+# taken within _WRITE_TIMEOUT_S.
 _MAX_CONNECTIONS = 64
-_READ_TIMEOUT_S = 5.0
+_HEAD_TIMEOUT_S = 2.0
+_WRITE_TIMEOUT_S = 10.0
 
 
 class AdminServer:
@@ -36,8 +39,9 @@ class AdminServer:
         self.routes = dict(routes)
         self._server: asyncio.Server | None = None
         self.address = ""
-        self.open_connections = 0
-        self.refused_connections = 0
+        self.refused_connections = 0  # dropped to make room for new ones
+        self._waiting: dict[asyncio.StreamWriter, float] = {}  # connections without a whole request head yet
+        self._open: set[asyncio.StreamWriter] = set()
 
     async def start_tcp(self, host: str, port: int) -> None:
         self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
@@ -61,20 +65,29 @@ class AdminServer:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
 
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.open_connections >= _MAX_CONNECTIONS:
+        if len(self._open) >= _MAX_CONNECTIONS and self._waiting:
+            oldest = min(self._waiting, key=self._waiting.__getitem__)
+            self._waiting.pop(oldest)
             self.refused_connections += 1
-            writer.transport.abort()
-            return
-        self.open_connections += 1
+            oldest.transport.abort()
+        self._open.add(writer)
+        self._waiting[writer] = asyncio.get_running_loop().time()
         try:
             await self._serve(reader, writer)
         finally:
-            self.open_connections -= 1
+            self._open.discard(writer)
+            self._waiting.pop(writer, None)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            status, ctype, body = await asyncio.wait_for(self._respond(reader), _READ_TIMEOUT_S)
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _HEAD_TIMEOUT_S)
+            self._waiting.pop(writer, None)
+            status, ctype, body = await asyncio.wait_for(self._respond(request, reader), _WRITE_TIMEOUT_S)
         except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
             writer.close()
             return
@@ -82,14 +95,13 @@ class AdminServer:
                 f"Content-Length: {len(body)}\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n")
         try:
             writer.write(head.encode() + body)
-            await writer.drain()
-        except ConnectionError:
-            pass
+            await asyncio.wait_for(writer.drain(), _WRITE_TIMEOUT_S)
+        except (ConnectionError, TimeoutError):
+            writer.transport.abort()
         finally:
             writer.close()
 
-    async def _respond(self, reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
-        head = await reader.readuntil(b"\r\n\r\n")
+    async def _respond(self, head: bytes, reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
         if len(head) > _MAX_HEAD:
             return 413, "text/plain", b"request head too large\n"
         lines = head.decode("latin-1").split("\r\n")

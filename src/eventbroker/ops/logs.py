@@ -34,7 +34,8 @@ class JsonFormatter(logging.Formatter):
 # escapes: peers choose strings that end up in log lines (client ids, type
 # names, certificate names), and a newline in one must not forge a line.
 _ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)]}
-_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+_ESCAPES.update({0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029",
+                 0x5C: "\\\\"})  # and the backslash itself, so an escape cannot be faked
 
 
 class TextFormatter(logging.Formatter):

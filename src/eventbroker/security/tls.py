@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _ssl
 import ipaddress
 import ssl
 from collections.abc import Callable
@@ -13,8 +14,9 @@ from eventbroker.errors import AuthFailed
 _TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
 
 
-# A fatal TLS alert (level 2), as OpenSSL's message callback reports it.
-_FATAL = 2
+# A fatal TLS alert (content type 21, level 2), as OpenSSL's message callback reports it.
+_ALERT = 21
+_FATAL_LEVEL = b"\x02"
 
 
 def server_ssl_context(tls: TlsConfig, on_refusal: Callable[[str], None] | None = None) -> ssl.SSLContext:
@@ -23,8 +25,9 @@ def server_ssl_context(tls: TlsConfig, on_refusal: Callable[[str], None] | None 
     ``handshake_failure``, ...) or receives (``peer:bad_certificate``): the
     only trace a refused handshake leaves, since the listener's protocol never
     sees such a connection. (A peer that does not speak TLS at all gets no
-    alert and is not counted.) Python's ``_msg_callback`` is the hook: OpenSSL
-    calls it per TLS message, so it stays a few comparisons long."""
+    alert and is not counted.) The hook is the ssl module's message callback,
+    set below its Python wrapper (which builds three enums per call): OpenSSL
+    calls it for every TLS record, so it stays two integer comparisons long."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "1.3" else ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(_TLS12_CIPHERS)
@@ -34,14 +37,15 @@ def server_ssl_context(tls: TlsConfig, on_refusal: Callable[[str], None] | None 
         ctx.load_verify_locations(cafile=tls.client_ca_file)
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.client_auth == "required" else ssl.CERT_OPTIONAL
     if on_refusal is not None:
-        alert = ssl._TLSContentType.ALERT  # type: ignore[attr-defined]
-
         def on_message(_conn, direction, _version, content_type, msg_type, data) -> None:
-            if content_type == alert and data[:1] == bytes((_FATAL,)):
-                name = getattr(msg_type, "name", str(msg_type)).lower()
+            if content_type == _ALERT and data[:1] == _FATAL_LEVEL:
+                try:
+                    name = ssl._TLSAlertType(msg_type).name.lower()  # type: ignore[attr-defined]
+                except ValueError:
+                    name = f"alert_{msg_type}"
                 on_refusal(name if direction == "write" else f"peer:{name}")
 
-        ctx._msg_callback = on_message  # type: ignore[attr-defined]
+        _ssl._SSLContext._msg_callback.__set__(ctx, on_message)  # type: ignore[attr-defined]
     return ctx
 
 
