@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import types
 import typing
 from pathlib import Path
 
@@ -21,7 +22,7 @@ def _unwrap(tp: typing.Any) -> list[typing.Any]:
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
         return _unwrap(typing.get_args(tp)[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         return [t for arg in typing.get_args(tp) for t in _unwrap(arg)]
     return [tp]
 

@@ -45,6 +45,7 @@ log = logging.getLogger("eventbroker.server")
 _HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
 _LINGER_S = 1.0
 _REFUSED_LINGER_S = 0.1
+_ABORT_AFTER_S = 5.0
 # Framing errors before the handshake mean the peer does not speak this protocol.
 _NOT_OUR_PROTOCOL = {ErrorCode.FRAME_TOO_LARGE, ErrorCode.UNKNOWN_FRAME_TYPE, ErrorCode.MALFORMED_FRAME}
 
@@ -378,7 +379,7 @@ class Connection(asyncio.Protocol):
             t.write_eof()
         loop = asyncio.get_running_loop()
         loop.call_later(linger_s, t.close)
-        loop.call_later(linger_s + 5 * (linger_s / _LINGER_S), t.abort)  # a peer that does not read: do not wait
+        loop.call_later(linger_s + _ABORT_AFTER_S, t.abort)  # a peer that does not read: do not wait for it
         self._server.connection_closed(self)  # no longer counted against the limits
 
     # what the listener asks

@@ -96,7 +96,6 @@ class Lane:
     """Drains one type's ring into its topic; acknowledges once Kafka has it."""
 
     def __init__(self, etype: EventType, sink: Sink, kcfg: KafkaConfig, requests: PrioritySlots) -> None:
-        self.etype = etype
         self.stats = LaneStats()
         self.writer = TopicWriter(etype, sink, kcfg, requests, self.stats, log)
         self.ring = fp.TypeRing(
@@ -106,7 +105,6 @@ class Lane:
             by_key=etype.partitioning == "key",
             enabled=etype.enabled,
         )
-        self._kcfg = kcfg
         self._parts: deque[BatchPart] = deque()  # not yet fully taken into units
         self._units: deque[Unit] = deque()  # in flight, in ring order
         self._wakeup = asyncio.Event()
@@ -119,6 +117,15 @@ class Lane:
         self._shed_backoff_s = kcfg.retry_backoff_ms / 1000
         self.shed_reason: int = Reason.KAFKA_UNAVAILABLE  # what producers are told when this type sheds
         self.ack_seconds = None  # a histogram child (ops/metrics.py), when metrics are on
+
+    # The type and the Kafka settings in force live in the writer (a reload replaces them).
+    @property
+    def etype(self) -> EventType:
+        return self.writer.etype
+
+    @property
+    def _kcfg(self) -> KafkaConfig:
+        return self.writer.kcfg
 
     # what the router and the daemon ask
 
@@ -160,8 +167,6 @@ class Lane:
 
     def update(self, etype: EventType, kcfg: KafkaConfig, budget_limit_bytes: int, spool_cfg: SpoolConfig) -> None:
         """Apply a reloaded config (same topic and ack) to the running lane."""
-        self.etype = etype
-        self._kcfg = kcfg
         self.writer.etype = etype
         self.writer.kcfg = kcfg
         ring = self.ring

@@ -123,9 +123,6 @@ class Security:
         self.stats.auth_failures += 1
         self._failed.note(addr)
 
-    def refused(self, addr: str) -> bool:
-        return self._failed.refused(addr)
-
     def locked_out(self, addr: str) -> tuple[int, str, int] | None:
         """The ERROR for an address refused for its failed handshakes, with
         its retry hint (code, message, retry_after_ms); None if it may try."""

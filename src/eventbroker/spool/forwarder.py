@@ -63,7 +63,6 @@ class Forwarder:
     def __init__(self, spool: SpoolLog, etype: EventType, sink: Sink, kcfg: KafkaConfig,
                  requests: PrioritySlots | None = None) -> None:
         self.spool = spool
-        self.etype = etype
         self.stats = ForwarderStats()
         self.writer = TopicWriter(etype, sink, kcfg, requests or PrioritySlots(kcfg.max_inflight_requests),
                                   self.stats, log, "the spool keeps the events and retries", spool_forwarder=True)
@@ -84,13 +83,16 @@ class Forwarder:
         self.delivered = spool.checkpoint  # everything before it is in Kafka
 
     @property
+    def etype(self) -> EventType:
+        return self.writer.etype
+
+    @property
     def backlog_bytes(self) -> int:
         """Spooled bytes not yet delivered."""
         return self.spool.bytes_after(self.delivered)
 
     def update(self, etype: EventType, kcfg: KafkaConfig) -> None:
         """A reload (same topic): new priority, batch size and back-off."""
-        self.etype = etype
         self.writer.etype = etype
         self.writer.kcfg = kcfg
 
