@@ -156,7 +156,7 @@ class Bench:
 
     @contextlib.contextmanager
     def daemon(self, sink: str, topics: dict[str, str], create_topics: bool = True,
-               ack: str = "kafka") -> Iterator[tuple[str, Proc]]:
+               ack: str = "kafka", schema: bool = False) -> Iterator[tuple[str, Proc]]:
         if self.args.server:  # a running daemon: its config decides sink and topics
             yield self.args.server, Proc(self.args.server_pid) if self.args.server_pid else _NoProc()
             return
@@ -170,8 +170,11 @@ class Bench:
             lines.append(f"linger_ms = {self.args.linger_ms}\n")
         if ack == "spool":
             lines.append(f'[spool]\ndir = "{self.tmp / f"spool-{port}"}"\n')
+        if schema:  # every type validated against the 10-field schema
+            lines.append(f'[schemas]\ndir = "{HERE / "schemas"}"\n')
         for t, topic in topics.items():
-            lines.append(f'[types.{t}]\ntopic = "{topic}"\npartitioning = "spread"\nack = "{ack}"\n')
+            lines.append(f'[types.{t}]\ntopic = "{topic}"\npartitioning = "spread"\nack = "{ack}"\n'
+                         + ('schema = "bench"\n' if schema else ""))
         conf.write_text("".join(lines))
         log = open(self.tmp / f"daemon-{port}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
@@ -348,6 +351,27 @@ class Bench:
             out["events_lost"] = max(0, res["events_acked"] - out["events_verified"])
         return out
 
+    def schema(self, events: int) -> list[dict]:
+        """e2e with 10-field JSON events, every type validated against
+        benchmarks/schemas/bench/1.json, beside the same run unvalidated."""
+        out = []
+        for validated in (False, True):
+            pre = self.prefix()
+            topics = self.topics(pre)
+            with self.daemon("kafka", topics, schema=validated) as (server, dp):
+                res = self.loadgen(server, dp, events=events, connections=self.args.connections,
+                                   batch_events=self.args.batch_events, payload="json10")
+            run = self._gateway_figures("e2e-schema" if validated else "e2e-json10", res)
+            expected = {topics[t]: res["acked_by_type"].get(t, 0) for t in self.types}
+            run.update(self.verify(expected, res["events_acked"], res["payload_checksum"]))
+            run["events_lost"] = max(0, res["events_acked"] - run["events_verified"])
+            run["events_rejected"] = res["events_rejected"]
+            out.append(run)
+        plain, checked = out
+        if plain["daemon_us_per_event"] and checked["daemon_us_per_event"]:
+            checked["validation_us_per_event"] = round(checked["daemon_us_per_event"] - plain["daemon_us_per_event"], 3)
+        return out
+
     def sdk(self, events: int) -> dict:
         """e2e through the producer SDK (send() per event) instead of raw frames."""
         pre = self.prefix()
@@ -477,7 +501,8 @@ def run_full(b: Bench) -> dict:
     a = b.args
     n = a.events or 1_000_000
     runs: list[dict] = []
-    steps = sum(1 for x in ("ceiling", "spool", "sdk", "fanin", "isolation", "latency") if x in a.scenarios) + 3 * a.rounds
+    steps = sum(1 for x in ("ceiling", "spool", "schema", "sdk", "fanin", "isolation", "latency")
+                if x in a.scenarios) + 3 * a.rounds
     with _progress(steps, "bench") as bar:
         def tick(what: str) -> None:
             if bar is not None:
@@ -499,6 +524,9 @@ def run_full(b: Bench) -> dict:
         if "spool" in a.scenarios:
             runs.append(b.e2e(n, ack="spool"))
             tick("spool")
+        if "schema" in a.scenarios:
+            runs.extend(b.schema(n))
+            tick("schema")
         if "sdk" in a.scenarios:
             runs.append(b.sdk(min(n, 300_000)))
             tick("sdk")
@@ -543,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="eventbroker bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="under a minute: one JSON line of key figures")
-    ap.add_argument("--scenarios", default="ceiling,e2e,direct,spool,sdk,fanin,isolation,latency")
+    ap.add_argument("--scenarios", default="ceiling,e2e,direct,spool,schema,sdk,fanin,isolation,latency")
     ap.add_argument("--events", type=int, help="events per run (default 1,000,000; --quick 300,000)")
     ap.add_argument("--event-bytes", type=int, default=200)
     ap.add_argument("--connections", type=int, default=4)

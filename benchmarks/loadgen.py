@@ -34,7 +34,21 @@ def payload_for(index: int, size: int) -> bytes:
     return head + b"x" * max(0, size - len(head)) if size >= 8 else head[:size]
 
 
-def build_frames(n_events: int, batch_events: int, event_bytes: int, types: list[str], conn_id: int, tag: int):
+_CONTEXTS = ("album", "playlist", "radio", "search", "other")
+
+
+def json10_for(index: int) -> bytes:
+    """A realistic 10-field JSON event (about 220 bytes), unique per index; the
+    `schema` scenario validates it against benchmarks/schemas/bench/1.json."""
+    return (b'{"user":"u%010d","track":%d,"ms_played":%d,"context":"%s","offline":%s,"device":"ios",'
+            b'"country":"SE","ts":"2026-12-02T11:%02d:%02d.%03dZ","session":"6f1c2a9e-4d2b-4c8e-9a51-%012x",'
+            b'"seq":%d}' % (index % 10_000_000_000, index % 1_000_003, (index * 7919) % 400_000,
+                            _CONTEXTS[index % 5].encode(), b"true" if index % 9 == 0 else b"false",
+                            (index // 60000) % 60, (index // 1000) % 60, index % 1000, index & 0xFFFFFFFFFFFF, index))
+
+
+def build_frames(n_events: int, batch_events: int, event_bytes: int, types: list[str], conn_id: int, tag: int,
+                 payload: str = "bytes"):
     """Frames for one connection: [(frame, n_events, type_name)]; also the
     payload checksum (sum of CRC-32C) of all events, for verification."""
     prefix = struct.pack(">II", tag, conn_id)
@@ -50,9 +64,10 @@ def build_frames(n_events: int, batch_events: int, event_bytes: int, types: list
         n = min(batch_events, n_events - made)
         for i in range(n):
             idx = made + i + 1
-            payload = payload_for((conn_id << 32) | idx, event_bytes)
-            checksum += fp.crc32c(payload)
-            enc.add(tb, prefix + struct.pack(">Q", idx), ts, None, payload)
+            body = (payload_for((conn_id << 32) | idx, event_bytes) if payload == "bytes"
+                    else json10_for((conn_id << 32) | idx))
+            checksum += fp.crc32c(body)
+            enc.add(tb, prefix + struct.pack(">Q", idx), ts, None, body)
         seq += 1
         frames.append((enc.finish(seq), n, t))
         made += n
@@ -217,7 +232,8 @@ async def run(args: argparse.Namespace) -> dict:
     conns_n = args.connections
     per_conn = max(1, args.events // conns_n)
     stats = Stats()
-    built = [build_frames(per_conn, args.batch_events, args.event_bytes, types, c, args.tag) for c in range(conns_n)]
+    built = [build_frames(per_conn, args.batch_events, args.event_bytes, types, c, args.tag, args.payload)
+             for c in range(conns_n)]
     checksum = sum(c for _, c in built)
     interval_s = 0.0
     if args.rate:
@@ -284,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-events", type=int, default=2000)
     p.add_argument("--event-bytes", type=int, default=200)
     p.add_argument("--types", default="play,search,client_log")
+    p.add_argument("--payload", choices=["bytes", "json10"], default="bytes",
+                   help="bytes: --event-bytes of filler; json10: a 10-field JSON event (the schema scenario)")
     p.add_argument("--window", type=int, default=8, help="in-flight batches per connection")
     p.add_argument("--tag", type=int, default=os.getpid(), help="first 4 bytes of every event id")
     p.add_argument("--drain-timeout", type=float, default=10.0)

@@ -1,6 +1,8 @@
 """Type stub for the native hot path (src/eventbroker/_fastpath.pyx and its
 topic files in src/eventbroker/_native/)."""
 
+from typing import Any
+
 Buffer = bytes | bytearray | memoryview
 
 PROTOCOL_VERSION: int
@@ -49,12 +51,17 @@ REASON_OVERLOADED: int
 REASON_KAFKA_UNAVAILABLE: int
 REASON_SHUTTING_DOWN: int
 REASON_SPOOL_UNAVAILABLE: int
+REASON_SCHEMA_VIOLATION: int
+REASON_UNKNOWN_SCHEMA_VERSION: int
+DEAD_LETTER_PARTITION: int
 GOAWAY_SHUTTING_DOWN: int
 GOAWAY_REBALANCE: int
 HEADER_EVENT_ID: bytes
 HEADER_EVENT_TYPE: bytes
 HEADER_TIMESTAMP: bytes
 HEADER_RECEIVED: bytes
+HEADER_SCHEMA_VERSION: bytes
+HEADER_ERROR: bytes
 
 def crc32c(data: Buffer, crc: int = 0) -> int: ...
 def crc32c_uses_hardware() -> bool: ...
@@ -88,6 +95,7 @@ class MemoryBudget:
 class TypeRing:
     name: str
     name_bytes: bytes
+    schemas: Any
     enabled: bool
     accepting: bool
     refuse_reason: int
@@ -122,8 +130,9 @@ class TypeRing:
     def discard_all(self) -> None: ...
     def release(self, n_bytes: int, end_seq: int, end_off: int) -> None: ...
 
-# (type_index, status, reason, count, indices or None, ring or None)
-IngestResult = tuple[int, int, int, int, list[int] | None, TypeRing | None]
+# (type_index, status, reason, count, indices or None, ring or None,
+#  schema_violation details or None)
+IngestResult = tuple[int, int, int, int, list[int] | None, TypeRing | None, list[str] | None]
 
 class BatchSplitter:
     max_events_per_batch: int
@@ -161,3 +170,7 @@ class BatchEncoder:
     ) -> int: ...
     def finish(self, batch_seq: int) -> bytes: ...
     def reset(self) -> None: ...
+
+class FlatSchema:
+    def __init__(self, fields: list[tuple[Any, ...]]) -> None: ...
+    def accepts(self, payload: bytes) -> bool: ...

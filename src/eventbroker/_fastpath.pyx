@@ -28,6 +28,7 @@ the Kafka side later turns a run of ring entries into record batches
 """
 
 cimport cython
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_FromStringAndSize, PyByteArray_Resize
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport PyObject
@@ -58,5 +59,6 @@ eb_crc32c_init()
 include "_native/framing.pxi"
 include "_native/ring.pxi"
 include "_native/record_batch.pxi"
+include "_native/flat_schema.pxi"
 include "_native/splitter.pxi"
 include "_native/encoder.pxi"

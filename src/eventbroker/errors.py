@@ -3,7 +3,8 @@
 One root, ``EventBrokerError``, and a few families under it:
 
 * ``UsageError`` (also a ``ValueError``): misuse of the API; ``ConfigError``,
-  a bad configuration file or option, is one.
+  a bad configuration file or option, is one; ``SchemaError``, a bad or
+  incompatible event schema, is one of those.
 * ``ProtocolError``: the peer broke the wire protocol; carries the error code
   sent in the ERROR frame.
 * ``DeliveryError``: an event was not delivered; ``retriable`` says whether
@@ -29,6 +30,11 @@ class UsageError(EventBrokerError, ValueError):
 
 class ConfigError(UsageError):
     """A configuration file or argument is invalid."""
+
+
+class SchemaError(ConfigError):
+    """An event schema file is invalid, uses an unsupported keyword, or breaks
+    its type's compatibility mode; the message names the file."""
 
 
 class ProtocolError(EventBrokerError):
@@ -64,11 +70,13 @@ class DeliveryError(EventBrokerError):
 class EventRejected(DeliveryError):
     """The gateway rejected an event; ``reason`` says why (see ``Reason``)."""
 
-    def __init__(self, reason: str, event_id: bytes, event_type: str) -> None:
-        super().__init__(f"event {event_id.hex()} of type {event_type!r} rejected: {reason}")
+    def __init__(self, reason: str, event_id: bytes, event_type: str, detail: str = "") -> None:
+        super().__init__(f"event {event_id.hex()} of type {event_type!r} rejected: {reason}"
+                         + (f" ({detail})" if detail else ""))
         self.reason = reason
         self.event_id = event_id
         self.event_type = event_type
+        self.detail = detail  # schema_violation: the failing JSON path and rule
 
 
 class ProducerClosed(DeliveryError):

@@ -92,6 +92,8 @@ class Reason(IntEnum):
     KAFKA_UNAVAILABLE = fp.REASON_KAFKA_UNAVAILABLE
     SHUTTING_DOWN = fp.REASON_SHUTTING_DOWN
     SPOOL_UNAVAILABLE = fp.REASON_SPOOL_UNAVAILABLE
+    SCHEMA_VIOLATION = fp.REASON_SCHEMA_VIOLATION
+    UNKNOWN_SCHEMA_VERSION = fp.REASON_UNKNOWN_SCHEMA_VERSION
 
 
 class GoawayReason(IntEnum):
@@ -129,6 +131,11 @@ def reason_name(code: int) -> str:
     except ValueError:
         return f"reason_{code}"
 
+
+# HELLO flags bit: the producer reads rejection details after an ACK's
+# entries; WELCOME flags bit: the server sends them (docs/protocol.md 4.4).
+FLAG_REJECTION_DETAILS = 0x0001
+MAX_DETAIL_BYTES = 200
 
 _U16 = struct.Struct(">H")
 _HELLO_HEAD = struct.Struct(">4sHH")
@@ -179,18 +186,19 @@ class Hello:
     client_id: str
     auth: bytes = b""
     version: int = PROTOCOL_VERSION
+    flags: int = 0  # FLAG_REJECTION_DETAILS
 
     def encode(self) -> bytes:
         cid = self.client_id.encode("utf-8")
         if len(cid) > MAX_CLIENT_ID_BYTES:
             raise ValueError("client_id longer than 255 bytes")
-        body = _HELLO_HEAD.pack(MAGIC, self.version, 0) + _pack_str(cid) + _pack_str(self.auth)
+        body = _HELLO_HEAD.pack(MAGIC, self.version, self.flags) + _pack_str(cid) + _pack_str(self.auth)
         return encode_frame(FrameType.HELLO, body)
 
     @classmethod
     def decode(cls, body: bytes) -> Hello:
         c = _Cursor(body, "HELLO")
-        magic, version, _flags = c.unpack(_HELLO_HEAD)
+        magic, version, flags = c.unpack(_HELLO_HEAD)
         if magic != MAGIC:
             raise ProtocolError(ErrorCode.BAD_HANDSHAKE, f"bad magic {magic!r}, expected {MAGIC!r}")
         if version != PROTOCOL_VERSION:
@@ -207,7 +215,7 @@ class Hello:
             client_id = raw_id.decode("utf-8")
         except UnicodeDecodeError:
             raise ProtocolError(ErrorCode.BAD_HANDSHAKE, "client_id is not UTF-8") from None
-        return cls(client_id=client_id, auth=auth, version=version)
+        return cls(client_id=client_id, auth=auth, version=version, flags=flags)
 
 
 @dataclass(frozen=True)
@@ -218,11 +226,12 @@ class Welcome:
     heartbeat_interval_ms: int
     server_id: str
     version: int = PROTOCOL_VERSION
+    flags: int = 0  # FLAG_REJECTION_DETAILS: this connection's ACKs carry them
 
     def encode(self) -> bytes:
         body = _WELCOME_HEAD.pack(
             self.version,
-            0,
+            self.flags,
             self.max_frame_bytes,
             self.max_event_bytes,
             self.max_events_per_batch,
@@ -233,10 +242,10 @@ class Welcome:
     @classmethod
     def decode(cls, body: bytes) -> Welcome:
         c = _Cursor(body, "WELCOME")
-        version, _flags, mf, me, mb, hb = c.unpack(_WELCOME_HEAD)
+        version, flags, mf, me, mb, hb = c.unpack(_WELCOME_HEAD)
         server_id = c.string().decode("utf-8", "replace")
         c.end()
-        return cls(mf, me, mb, hb, server_id, version)
+        return cls(mf, me, mb, hb, server_id, version, flags)
 
 
 @dataclass(frozen=True)
@@ -253,15 +262,19 @@ class AckEntry:
     count: int
     retry_after_ms: int = 0
     indices: tuple[int, ...] = ()
+    # schema_violation: one short text per listed event (JSON path and rule),
+    # sent to producers that asked for details.
+    details: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Ack:
     batch_seq: int
     entries: tuple[AckEntry, ...] = field(default_factory=tuple)
+    details: dict[int, str] = field(default_factory=dict)  # event index -> rejection detail
 
-    def encode(self) -> bytes:
-        return encode_frame(FrameType.ACK, encode_ack_body(self.batch_seq, self.entries))
+    def encode(self, with_details: bool = False) -> bytes:
+        return encode_frame(FrameType.ACK, encode_ack_body(self.batch_seq, self.entries, with_details=with_details))
 
     @classmethod
     def decode(cls, body: bytes) -> Ack:
@@ -273,19 +286,35 @@ class Ack:
             raw = c.take(4 * n_idx)
             indices = struct.unpack(f">{n_idx}I", raw) if n_idx else ()
             entries.append(AckEntry(ti, status, reason, count, retry_ms, tuple(indices)))
+        details: dict[int, str] = {}
+        if c.pos < len(c.data):  # the details section (FLAG_REJECTION_DETAILS)
+            (n_details,) = c.unpack(_U16)
+            for _ in range(n_details):
+                (idx,) = c.unpack(_U32)
+                details[idx] = c.string().decode("utf-8", "replace")
         c.end()
-        return cls(seq, tuple(entries))
+        return cls(seq, tuple(entries), details)
 
 
-def encode_ack_body(batch_seq: int, entries, encoded: bytes = b"", n_encoded: int = 0) -> bytes:
+def encode_ack_body(batch_seq: int, entries, encoded: bytes = b"", n_encoded: int = 0,
+                    with_details: bool = False) -> bytes:
     """An ACK body: ``entries`` (AckEntry), then ``n_encoded`` entries already
-    encoded (``encoded``, without indices: they go last)."""
+    encoded (``encoded``, without indices: they go last), then, when
+    ``with_details`` and some entry has them, the details section."""
     parts = [_ACK_HEAD.pack(batch_seq, len(entries) + n_encoded)]
+    details: list[bytes] = []
     for e in entries:
         parts.append(_ACK_ENTRY.pack(e.type_index, e.status, e.reason, e.count, e.retry_after_ms, len(e.indices)))
         if e.indices:
             parts.append(struct.pack(f">{len(e.indices)}I", *e.indices))
+            if with_details and e.details:
+                for i, text in zip(e.indices, e.details, strict=True):
+                    details.append(_U32.pack(i) + _pack_str(text.encode("utf-8")[:MAX_DETAIL_BYTES]))
     parts.append(encoded)
+    if details:
+        del details[0xFFFF:]  # the count is a u16; later events go without a detail
+        parts.append(_U16.pack(len(details)))
+        parts.extend(details)
     return b"".join(parts)
 
 

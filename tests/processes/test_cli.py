@@ -69,7 +69,7 @@ def test_produce_100k_events_of_three_types(tmp_path, kafka_bootstrap):
             assert pr.returncode == 0, err.decode()
             summary = orjson.loads(out)
             assert summary == {"type": t, "sent": per_type[t], "persisted": per_type[t], "rejected": {},
-                               "unacknowledged": 0, "invalid_json": 0, "missing_key_field": 0}
+                               "unacknowledged": 0, "invalid_json": 0, "missing_key_field": 0, "rejections": []}
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert sum(per_type.values()) == 100_000

@@ -477,3 +477,61 @@ async def test_status_prints_live_per_type_rates(daemon_factory):
     r2 = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "eventbroker.cli", "status", "--admin",
                                                   "127.0.0.1:1", "--once"], capture_output=True, text=True, timeout=60)
     assert r2.returncode == 1 and "cannot read http://127.0.0.1:1/metrics" in r2.stderr
+
+
+@pytest.mark.asyncio(loop_factories=["uvloop"])
+async def test_sighup_applies_a_compatible_schema_version_and_refuses_a_breaking_one(tmp_path, kafka_bootstrap):
+    """Schemas beside the config: v2 (a new optional field) applies on SIGHUP
+    without dropping the producer's connection; v3 (a new required field)
+    is refused with the field and the rule, v2 stays in force, also for a
+    worker restarted while the broken file is still on disk."""
+    import json
+
+    from eventbroker.config import SchemasConfig
+
+    v1 = {"type": "object", "properties": {"user": {"type": "string"}, "track": {"type": "integer"}},
+          "required": ["user", "track"], "additionalProperties": False}
+    v2 = {**v1, "properties": {**v1["properties"], "ms_played": {"type": "integer"}}}
+    v3 = {**v2, "required": ["user", "track", "country"],
+          "properties": {**v2["properties"], "country": {"type": "string"}}}
+    folder = tmp_path / "schemas" / "play"
+    folder.mkdir(parents=True)
+    (folder / "1.json").write_text(json.dumps(v1))
+    cfg = make_config(kafka_bootstrap, {"play": {"schema": "play"}}, schemas=SchemasConfig(dir="schemas"))
+    admin_port, port = free_port(), free_port()
+    conf = write_conf(tmp_path, cfg, admin_port)  # "schemas" is taken from the config file's folder
+    notify = NotifySocket(tmp_path / "notify.sock")
+    try:
+        with supervised(tmp_path, conf, port, env={"NOTIFY_SOCKET": notify.path}) as sup:
+            await notify.wait_for("READY=1")
+            async with Producer(f"127.0.0.1:{port}", linger_ms=1) as p:
+                await (await p.send("play", b'{"user":"ada","track":1}'))
+                with pytest.raises(EventRejected, match="schema_violation") as info:
+                    await (await p.send("play", b'{"user":"ada","track":1,"ms_played":5}'))
+                assert "ms_played" in info.value.detail
+                (folder / "2.json").write_text(json.dumps(v2))
+                n = len(notify.drain())
+                sup.send_signal(signal.SIGHUP)
+                await notify.wait_for("READY=1", after=n)
+                await (await p.send("play", b'{"user":"ada","track":1,"ms_played":5}'))  # v2, same connection
+                (folder / "3.json").write_text(json.dumps(v3))
+                n = len(notify.drain())
+                sup.send_signal(signal.SIGHUP)
+                await notify.wait_for("READY=1", after=n)
+                await (await p.send("play", b'{"user":"ada","track":2,"ms_played":6}'))  # v2 still the latest
+                with pytest.raises(EventRejected, match="unknown_schema_version"):
+                    await (await p.send("play", b'{"user":"ada","track":2,"country":"SE"}', schema_version=3))
+                # A worker restarted now, with 3.json still on disk, starts with what is in force.
+                os.kill(worker_pids(sup.pid)[0], signal.SIGKILL)
+                for i in range(100):
+                    await (await p.send("play", b'{"user":"ada","track":%d,"ms_played":1}' % i))
+                assert p.reconnects <= 1  # only the connection of the killed worker, if it was ours
+                m = await metrics(f"127.0.0.1:{admin_port}")
+                assert total(m, "eventbroker_config_reloads_total") == 1
+                assert total(m, "eventbroker_schema_events_validated_total", type="play", version="2") >= 100
+    finally:
+        notify.close()
+    log = (tmp_path / "serve.log").read_text()
+    assert "type play: schema v2 added" in log
+    assert "play v3 adds required field `country`: not backward compatible with v2" in log
+    assert "exited with -9" in log and log.count("schema") >= 2

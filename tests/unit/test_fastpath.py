@@ -489,7 +489,7 @@ def test_decode_batch_rejects_malformed(body):
 def _results_by_name(results, names):
     """Results with the ring replaced by its name, sorted (order within a part is free)."""
     out = []
-    for ti, status, reason, count, indices, ring in results:
+    for ti, status, reason, count, indices, ring, _details in results:
         assert (ring is not None) == (status == fp.STATUS_ACCEPTED)
         out.append((names[ti], status, reason, count, indices, ring.name if ring is not None else None))
     return sorted(out, key=lambda r: (r[0], r[1], r[2]))

@@ -315,7 +315,7 @@ def check_rings_hold(rings, accepted, now_ms: int, n_parts: int, sticky: int, ma
 
 def normalize(results):
     out = []
-    for ti, status, reason, count, indices, ring in results:
+    for ti, status, reason, count, indices, ring, _details in results:
         out.append((ti, status, reason, count, indices, ring.name_bytes if ring is not None else None))
     return sorted(out, key=lambda r: (r[0], r[1], r[2]))
 

@@ -53,6 +53,10 @@ cdef enum:
     C_REASON_FORBIDDEN = 5
     C_REASON_INVALID_TYPE_NAME = 6
     C_REASON_INVALID_TIMESTAMP = 7
+    C_REASON_SCHEMA_VIOLATION = 8
+    C_REASON_UNKNOWN_SCHEMA_VERSION = 9
+    C_ENTRY_DEAD_LETTER = 1  # entry flag (entry header bytes 12..15): goes to the type's dead-letter topic
+    C_DEAD_LETTER_PARTITION = -1  # build_unit's partition for dead-letter batches
     C_REASON_OVERLOADED = 16
     C_REASON_KAFKA_UNAVAILABLE = 17
     C_REASON_SHUTTING_DOWN = 18
@@ -105,6 +109,9 @@ REASON_INVALID = C_REASON_INVALID
 REASON_FORBIDDEN = C_REASON_FORBIDDEN
 REASON_INVALID_TYPE_NAME = C_REASON_INVALID_TYPE_NAME
 REASON_INVALID_TIMESTAMP = C_REASON_INVALID_TIMESTAMP
+REASON_SCHEMA_VIOLATION = C_REASON_SCHEMA_VIOLATION
+REASON_UNKNOWN_SCHEMA_VERSION = C_REASON_UNKNOWN_SCHEMA_VERSION
+DEAD_LETTER_PARTITION = C_DEAD_LETTER_PARTITION
 REASON_OVERLOADED = C_REASON_OVERLOADED
 REASON_KAFKA_UNAVAILABLE = C_REASON_KAFKA_UNAVAILABLE
 REASON_SHUTTING_DOWN = C_REASON_SHUTTING_DOWN
@@ -117,6 +124,10 @@ HEADER_EVENT_ID = b"eb.id"
 HEADER_EVENT_TYPE = b"eb.type"
 HEADER_TIMESTAMP = b"eb.ts"
 HEADER_RECEIVED = b"eb.recv_ts"
+# Only on events of a type with a schema: the version (ASCII decimal) the
+# payload was validated against; on dead-lettered events also the failure.
+HEADER_SCHEMA_VERSION = b"eb.schema"
+HEADER_ERROR = b"eb.error"
 
 # The same names for the native code (C globals: no lookup per event). Each
 # header is varint(key length) key varint(value length) value; the *_HDR_BYTES

@@ -15,7 +15,10 @@ cdef struct _PartState:
 
 cdef object _build_unit(TypeRing ring, Py_ssize_t max_bytes, int n_partitions, int sticky_partition):
     """``TypeRing.build_unit``: one record batch per partition the run touches,
-    CRC-32C filled in, in two passes over the entries (size, then write)."""
+    CRC-32C filled in, in two passes over the entries (size, then write).
+    Dead-letter entries (schema failures of a type that keeps them) make one
+    more batch, for the dead-letter topic's partition 0, under partition
+    ``C_DEAD_LETTER_PARTITION``."""
     cdef _PartState *parts
     cdef Py_ssize_t idx, off, n_events = 0, n_bytes = 0, total = 0, tail_len, body, rec
     cdef _Chunk c
@@ -34,7 +37,7 @@ cdef object _build_unit(TypeRing ring, Py_ssize_t max_bytes, int n_partitions, i
         raise ValueError("n_partitions must be >= 1")
     if not 0 <= sticky_partition < np_:
         raise ValueError("sticky_partition out of range")
-    parts = <_PartState *>calloc(np_, sizeof(_PartState))
+    parts = <_PartState *>calloc(np_ + 1, sizeof(_PartState))
     if parts == NULL:
         raise MemoryError()
     try:
@@ -49,7 +52,9 @@ cdef object _build_unit(TypeRing ring, Py_ssize_t max_bytes, int n_partitions, i
                 continue
             e = c.data + off
             tail_len = eb_ld32(e)
-            if ring.by_key and eb_ld32(e + 8):
+            if eb_ld32(e + 12) & C_ENTRY_DEAD_LETTER:
+                p = np_
+            elif ring.by_key and eb_ld32(e + 8):
                 p = <int>((eb_ld32(e + 4) & 0x7fffffff) % <uint32_t>np_)
             else:
                 p = sticky_partition
@@ -76,10 +81,10 @@ cdef object _build_unit(TypeRing ring, Py_ssize_t max_bytes, int n_partitions, i
         end_off = off
         # Pass 2: write the batches.
         batches = []
-        for i in range(np_):
+        for i in range(np_ + 1):
             if parts[i].count:
                 out = PyBytes_FromStringAndSize(NULL, KAFKA_BATCH_HEADER_BYTES + parts[i].size)
-                batches.append((i, out, parts[i].count))
+                batches.append((i if i < np_ else C_DEAD_LETTER_PARTITION, out, parts[i].count))
                 parts[i].start = <unsigned char *>PyBytes_AS_STRING(out)
                 parts[i].out = parts[i].start + KAFKA_BATCH_HEADER_BYTES
                 parts[i].count = 0              # becomes the offset delta
@@ -94,7 +99,9 @@ cdef object _build_unit(TypeRing ring, Py_ssize_t max_bytes, int n_partitions, i
                 continue
             e = c.data + off
             tail_len = eb_ld32(e)
-            if ring.by_key and eb_ld32(e + 8):
+            if eb_ld32(e + 12) & C_ENTRY_DEAD_LETTER:
+                p = np_
+            elif ring.by_key and eb_ld32(e + 8):
                 p = <int>((eb_ld32(e + 4) & 0x7fffffff) % <uint32_t>np_)
             else:
                 p = sticky_partition
@@ -109,7 +116,7 @@ cdef object _build_unit(TypeRing ring, Py_ssize_t max_bytes, int n_partitions, i
             parts[p].count += 1
             off += ENTRY_HEADER_BYTES + tail_len
             k += 1
-        for i in range(np_):
+        for i in range(np_ + 1):
             if parts[i].count:
                 w = parts[i].start
                 eb_st64(w, 0)                                   # base offset

@@ -75,6 +75,9 @@ cdef class TypeRing:
     cdef long long _next_seq
     cdef Py_ssize_t _chunk_bytes
     cdef bytes _type_hdr
+    # The type's schemas (eventbroker.schema.TypeSchemas) or None: the
+    # splitter validates each accepted part against them.
+    cdef public object schemas
 
     def __init__(self, str name, *, Py_ssize_t capacity_bytes, Py_ssize_t max_event_bytes,
                  bint by_key=True, bint enabled=True, Py_ssize_t chunk_bytes=262144):
@@ -101,6 +104,7 @@ cdef class TypeRing:
         hdr += _varint(len(nb))
         hdr += nb
         self._type_hdr = bytes(hdr)
+        self.schemas = None
 
     @property
     def free_bytes(self):
@@ -114,11 +118,11 @@ cdef class TypeRing:
         budget.used_bytes += self.used_bytes
         self.admit_limit_bytes = admit_limit_bytes
 
-    cdef inline Py_ssize_t _entry_bytes(self, Py_ssize_t klen, Py_ssize_t vlen):
+    cdef inline Py_ssize_t _entry_bytes(self, Py_ssize_t klen, Py_ssize_t vlen, Py_ssize_t extra=0):
         cdef Py_ssize_t tail = (eb_varint_size(klen if klen else -1) + klen
                                 + eb_varint_size(vlen) + vlen + 1
                                 + ID_HDR_BYTES + PyBytes_GET_SIZE(self._type_hdr)
-                                + TS_HDR_BYTES + RECV_HDR_BYTES)
+                                + TS_HDR_BYTES + RECV_HDR_BYTES + extra)
         return ENTRY_HEADER_BYTES + tail
 
     cdef unsigned char *_reserve(self, Py_ssize_t n) except NULL:
@@ -136,19 +140,21 @@ cdef class TypeRing:
         c.used = n
         return c.data
 
-    cdef int _write(self, const unsigned char *ev, int64_t now_ms) except -1:
-        """Append one event (pointer at its 32-byte wire header) as an entry."""
+    cdef int _write(self, const unsigned char *ev, int64_t now_ms, const unsigned char *extra=NULL,
+                    Py_ssize_t extra_len=0, int extra_count=0, uint32_t flags=0) except -1:
+        """Append one event (pointer at its 32-byte wire header) as an entry;
+        ``extra``: ``extra_count`` more record headers, already encoded."""
         cdef Py_ssize_t klen = eb_ld16(ev + 2)
         cdef Py_ssize_t vlen = eb_ld32(ev + 4)
         cdef int64_t ts = <int64_t>eb_ld64(ev + 8)
-        cdef Py_ssize_t n = self._entry_bytes(klen, vlen)
+        cdef Py_ssize_t n = self._entry_bytes(klen, vlen, extra_len)
         cdef unsigned char *e = self._reserve(n)
         cdef unsigned char *p
         cdef const unsigned char *key = ev + C_EVENT_HEADER_BYTES
         eb_st32(e, <uint32_t>(n - ENTRY_HEADER_BYTES))
         eb_st32(e + 4, eb_murmur2(key, klen) if klen and self.by_key else 0)
         eb_st32(e + 8, 1 if klen else 0)
-        eb_st32(e + 12, 0)
+        eb_st32(e + 12, flags)
         eb_st64(e + 16, <uint64_t>ts)
         p = e + ENTRY_HEADER_BYTES
         p = eb_put_varint(p, klen if klen else -1)
@@ -157,7 +163,7 @@ cdef class TypeRing:
         p = eb_put_varint(p, vlen)
         memcpy(p, key + klen, vlen)
         p += vlen
-        p = eb_put_varint(p, 4)
+        p = eb_put_varint(p, 4 + extra_count)
         p[0] = 10
         memcpy(p + 1, PyBytes_AS_STRING(C_HEADER_EVENT_ID), 5)
         p[6] = 32
@@ -174,6 +180,8 @@ cdef class TypeRing:
         memcpy(p + 1, PyBytes_AS_STRING(C_HEADER_RECEIVED), 10)
         p[11] = 16
         eb_st64(p + 12, <uint64_t>now_ms)
+        if extra_len:
+            memcpy(p + RECV_HDR_BYTES, extra, extra_len)
         self.used_bytes += n
         if self._budget is not None:
             self._budget.used_bytes += n

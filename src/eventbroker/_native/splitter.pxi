@@ -4,6 +4,12 @@
 
 cdef struct _TypeAcc:
     int forbidden           # the connection may not send this type
+    int bad_version         # names a schema version the type does not have
+    int dead_letter         # schema failures go to the dead-letter topic
+    Py_ssize_t hdr_len      # bytes of the schema-version record header, if validated
+    PyObject *hdr           # that header (bytes, kept alive by the version object)
+    unsigned char *mask     # per event that passed the per-event checks: 1 = schema failure
+    Py_ssize_t seen         # pass 2: such events met so far
     PyObject *ring          # borrowed from the ``rings`` list
     Py_ssize_t n            # events of this type index in the batch
     Py_ssize_t n_ok         # events that pass the per-event checks
@@ -52,10 +58,15 @@ cdef class BatchSplitter:
         ``forbidden`` (one set lookup per type in the batch, not per event).
 
         Returns ``(batch_seq, type_names, results)``; ``results`` is a list of
-        ``(type_index, status, reason, count, indices, ring)``. ``indices``
-        lists the events (by position in the batch) a per-event rejection
-        covers, else None; ``ring`` is set for C_STATUS_ACCEPTED parts. Nothing
-        is written unless the whole frame is well formed.
+        ``(type_index, status, reason, count, indices, ring, details)``.
+        ``indices`` lists the events (by position in the batch) a per-event
+        rejection covers, else None; ``ring`` is set for C_STATUS_ACCEPTED
+        parts; ``details`` (schema_violation) gives each listed event's
+        failure. Nothing is written unless the whole frame is well formed.
+
+        A type table name ``<type>@<N>`` names the schema version its events
+        are written against (``type_names`` then holds ``<type>``); a type
+        with schemas validates every accepted part in one call.
         """
         return self._ingest(reader, now_ms, allowed, False)[:3]
 
@@ -89,7 +100,10 @@ cdef class BatchSplitter:
         cdef int reason
         cdef bytes entries = b""
         cdef unsigned char *w = NULL
-        cdef Py_ssize_t n_entries = 0, unknown_events = 0, invalid_events = 0
+        cdef Py_ssize_t n_entries = 0, unknown_events = 0, invalid_events = 0, k
+        cdef object versions, sv, ver, base, vb, bad
+        cdef list dead_letters = None
+        cdef bytes hdr, dl
         if b == NULL or reader.frame_type != C_FRAME_EVENT_BATCH:
             raise ValueError("reader is not positioned on an EVENT_BATCH frame")
         if blen < 10:
@@ -123,12 +137,34 @@ cdef class BatchSplitter:
         if acc == NULL:
             raise MemoryError()
         rejected_lists = [None] * nt
+        versions = None
         try:
             for i in range(nt):
                 ro = self._rings.get(names[i])
+                ver = 0
+                if ro is None and b"@" in names[i]:
+                    base, _, vb = (<bytes>names[i]).partition(b"@")
+                    ro = self._rings.get(base)
+                    if ro is not None:
+                        names[i] = base
+                        ver = _schema_version(vb)
                 if ro is not None and allowed is not None and names[i] not in allowed:
                     acc[i].forbidden = 1
                     ro = None
+                if ro is not None and ((<TypeRing>ro).schemas is not None or ver):
+                    sv = (<TypeRing>ro).schemas.resolve(ver) if (<TypeRing>ro).schemas is not None and ver >= 0 \
+                        else None
+                    if sv is None:
+                        acc[i].bad_version = 1
+                        ro = None
+                    else:
+                        if versions is None:
+                            versions = [None] * nt
+                        versions[i] = sv
+                        hdr = sv.header
+                        acc[i].hdr = <PyObject *>hdr
+                        acc[i].hdr_len = PyBytes_GET_SIZE(hdr)
+                        acc[i].dead_letter = sv.dead_letter
                 acc[i].ring = <PyObject *>ro if ro is not None else NULL
             start = pos
             # Pass 1: check the framing of every event, count and size parts.
@@ -156,7 +192,7 @@ cdef class BatchSplitter:
                     rejected_lists[ti].setdefault(reason, []).append(i)
                     continue
                 acc[ti].n_ok += 1
-                acc[ti].bytes_ok += ring._entry_bytes(klen, vlen)
+                acc[ti].bytes_ok += ring._entry_bytes(klen, vlen, acc[ti].hdr_len)
             if pos != blen:
                 raise ProtocolError(C_ERR_MALFORMED_FRAME, f"{blen - pos} bytes after the last event")
             # Decide each part: unknown, disabled, no room, or accepted.
@@ -166,10 +202,13 @@ cdef class BatchSplitter:
             for i in range(nt):
                 if acc[i].n == 0:
                     continue
+                if acc[i].bad_version:
+                    results.append((i, C_STATUS_REJECTED, C_REASON_UNKNOWN_SCHEMA_VERSION, acc[i].n, None, None, None))
+                    continue
                 if acc[i].ring == NULL:
                     if acc[i].forbidden:
                         reason = C_REASON_FORBIDDEN
-                    elif _valid_type_name(names[i]):
+                    elif _valid_type_name(names[i]) or _versioned_name(names[i]):
                         reason = C_REASON_UNKNOWN_TYPE
                     else:
                         reason = C_REASON_INVALID_TYPE_NAME  # no gateway could be configured with it
@@ -188,24 +227,24 @@ cdef class BatchSplitter:
                         else:
                             invalid_events += acc[i].n
                         continue
-                    results.append((i, C_STATUS_REJECTED, reason, acc[i].n, None, None))
+                    results.append((i, C_STATUS_REJECTED, reason, acc[i].n, None, None, None))
                     continue
                 ring = <TypeRing>acc[i].ring
                 if not ring.enabled:
-                    results.append((i, C_STATUS_REJECTED, C_REASON_DISABLED, acc[i].n, None, None))
+                    results.append((i, C_STATUS_REJECTED, C_REASON_DISABLED, acc[i].n, None, None, None))
                     continue
                 if rejected_lists[i] is not None:
                     for reason, idx_list in rejected_lists[i].items():
-                        results.append((i, C_STATUS_REJECTED, reason, len(idx_list), idx_list, None))
+                        results.append((i, C_STATUS_REJECTED, reason, len(idx_list), idx_list, None, None))
                 if acc[i].n_ok == 0:
                     continue
                 if not ring.accepting:
-                    results.append((i, C_STATUS_RETRY_LATER, ring.refuse_reason, acc[i].n_ok, None, None))
+                    results.append((i, C_STATUS_RETRY_LATER, ring.refuse_reason, acc[i].n_ok, None, None, None))
                     continue
                 # An empty ring always takes one part, so any valid batch makes
                 # progress; the bound is capacity plus one frame's worth.
                 if ring.used_bytes and acc[i].bytes_ok > ring.capacity_bytes - ring.used_bytes:
-                    results.append((i, C_STATUS_RETRY_LATER, C_REASON_OVERLOADED, acc[i].n_ok, None, None))
+                    results.append((i, C_STATUS_RETRY_LATER, C_REASON_OVERLOADED, acc[i].n_ok, None, None, None))
                     continue
                 # The shared budget: each priority is admitted up to its share
                 # (low types are refused first). At the top share an empty ring
@@ -213,11 +252,21 @@ cdef class BatchSplitter:
                 if (ring._budget is not None and ring.admit_limit_bytes
                         and ring._budget.used_bytes + admitted + acc[i].bytes_ok > ring.admit_limit_bytes
                         and not (ring.used_bytes == 0 and ring.admit_limit_bytes >= ring._budget.limit_bytes)):
-                    results.append((i, C_STATUS_RETRY_LATER, C_REASON_OVERLOADED, acc[i].n_ok, None, None))
+                    results.append((i, C_STATUS_RETRY_LATER, C_REASON_OVERLOADED, acc[i].n_ok, None, None, None))
                     continue
+                if versions is not None and versions[i] is not None:
+                    if dead_letters is None:
+                        dead_letters = [None] * nt
+                    bad = _validate_part(b, start, ne, i, acc, ring, self, now_ms, versions[i], dead_letters)
+                    if bad is not None and not acc[i].dead_letter:
+                        results.append((i, C_STATUS_REJECTED, C_REASON_SCHEMA_VIOLATION, len(bad[0]), bad[0], None,
+                                        bad[1]))
+                        acc[i].n_ok -= len(bad[0])
+                        if acc[i].n_ok == 0:
+                            continue
                 admitted += acc[i].bytes_ok  # earlier parts of this batch count too
                 acc[i].status = C_STATUS_ACCEPTED
-                results.append((i, C_STATUS_ACCEPTED, C_REASON_NONE, acc[i].n_ok, None, ring))
+                results.append((i, C_STATUS_ACCEPTED, C_REASON_NONE, acc[i].n_ok, None, ring, None))
             # Pass 2: copy accepted events into their rings.
             pos = start
             for i in range(ne):
@@ -231,12 +280,26 @@ cdef class BatchSplitter:
                 ring = <TypeRing>acc[ti].ring
                 if _event_reason(ev, klen, vlen, ring, self, now_ms):
                     continue
-                ring._write(ev, now_ms)
+                if acc[ti].hdr_len == 0:
+                    ring._write(ev, now_ms)
+                    continue
+                k = acc[ti].seen
+                acc[ti].seen += 1
+                if acc[ti].mask != NULL and acc[ti].mask[k]:
+                    if not acc[ti].dead_letter:
+                        continue
+                    dl = <bytes>(<dict>dead_letters[ti])[k]
+                    ring._write(ev, now_ms, <const unsigned char *>PyBytes_AS_STRING(dl), PyBytes_GET_SIZE(dl), 2,
+                                C_ENTRY_DEAD_LETTER)
+                    continue
+                ring._write(ev, now_ms, <const unsigned char *>PyBytes_AS_STRING(<object>acc[ti].hdr), acc[ti].hdr_len, 1)
             self.batches_in += 1
             if answer_unknown and n_entries < nt:
                 entries = entries[:n_entries * ACK_ENTRY_BYTES]
             return seq, names, results, entries, n_entries, unknown_events, invalid_events
         finally:
+            for i in range(nt):
+                free(acc[i].mask)
             free(acc)
 
 
@@ -253,6 +316,22 @@ cdef bint _valid_type_name(bytes name):
                 or (i > 0 and (c == 95 or c == 46 or c == 45))):  # a-z 0-9, then also _ . -
             return False
     return True
+
+
+cdef int _schema_version(bytes v):
+    """The N of a type table name ``<type>@<N>`` (1-999999, no leading zero); -1 if it is not one."""
+    if 0 < len(v) <= 6 and v.isdigit() and v[0] != 48:
+        return int(v)
+    return -1
+
+
+cdef bint _versioned_name(bytes name):
+    """``<type>@<N>``: a valid type name and a schema version."""
+    cdef bytes base, v
+    if b"@" not in name:
+        return False
+    base, _, v = name.partition(b"@")
+    return _valid_type_name(base) and _schema_version(v) > 0
 
 
 def valid_type_name(bytes name not None):
@@ -277,3 +356,125 @@ cdef inline int _event_reason(const unsigned char *ev, Py_ssize_t klen, Py_ssize
             (splitter.max_timestamp_behind_ms and ts < now_ms - splitter.max_timestamp_behind_ms):
         return C_REASON_INVALID_TIMESTAMP
     return 0
+
+
+cdef inline bint _one_json_value(const unsigned char *p, Py_ssize_t n):
+    """Whether ``p`` can hold at most one JSON value: strings closed, brackets
+    balanced, no comma or colon outside them. It lets a part's payloads be
+    joined into one JSON array whose element i is payload i; the decoder
+    checks the rest of the syntax."""
+    cdef Py_ssize_t i, depth = 0
+    cdef bint in_str = False, esc = False
+    cdef unsigned char c
+    for i in range(n):
+        c = p[i]
+        if in_str:
+            if esc:
+                esc = False
+            elif c == 92:  # backslash
+                esc = True
+            elif c == 34:
+                in_str = False
+            elif c < 32:  # a raw control character cannot be in a JSON string
+                return False
+        elif c == 34:
+            in_str = True
+        elif c == 123 or c == 91:  # { [
+            depth += 1
+        elif c == 125 or c == 93:  # } ]
+            depth -= 1
+            if depth < 0:
+                return False
+        elif depth == 0 and (c == 44 or c == 58):  # , :
+            return False
+    return not in_str and depth == 0
+
+
+cdef object _validate_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t ne, Py_ssize_t ti, _TypeAcc *acc,
+                           TypeRing ring, BatchSplitter splitter, int64_t now_ms, object sv, list dead_letters):
+    """Validate the events of type index ``ti`` that passed the per-event
+    checks against schema version ``sv``, in one call: their payloads are
+    joined into one JSON array here, and ``sv.check`` decodes it at once.
+    Sets ``acc[ti].mask``; returns None when all are valid, else (batch
+    indices, details) of the failures, in batch order."""
+    cdef Py_ssize_t n = acc[ti].n_ok, pos = start, i, klen, vlen, total = 2, j = 0, nbuf = 0, w = 0
+    cdef const unsigned char *ev
+    cdef const unsigned char *pl
+    cdef unsigned char *out
+    cdef uint32_t *bidx
+    cdef uint32_t *elem
+    cdef uint32_t *seps
+    cdef bytearray buf
+    cdef bytes seps_b, elem_b, bidx_b
+    cdef list indices, details, rules
+    cdef dict why = {}
+    cdef FlatSchema flat = sv.flat
+    if n == 0:
+        return None
+    for i in range(ne):
+        ev = b + pos
+        klen = eb_ld16(ev + 2)
+        vlen = eb_ld32(ev + 4)
+        pos += C_EVENT_HEADER_BYTES + klen + vlen
+        if eb_ld16(ev) == ti:
+            total += vlen + 1
+    acc[ti].mask = <unsigned char *>calloc(n, 1)
+    if acc[ti].mask == NULL:
+        raise MemoryError()
+    buf = PyByteArray_FromStringAndSize(NULL, total)
+    out = <unsigned char *>PyByteArray_AS_STRING(buf)
+    seps_b = PyBytes_FromStringAndSize(NULL, (n + 1) * 4)
+    seps = <uint32_t *>PyBytes_AS_STRING(seps_b)
+    elem_b = PyBytes_FromStringAndSize(NULL, n * 4)
+    elem = <uint32_t *>PyBytes_AS_STRING(elem_b)
+    bidx_b = PyBytes_FromStringAndSize(NULL, n * 4)
+    bidx = <uint32_t *>PyBytes_AS_STRING(bidx_b)
+    pos = start
+    for i in range(ne):
+        ev = b + pos
+        klen = eb_ld16(ev + 2)
+        vlen = eb_ld32(ev + 4)
+        pos += C_EVENT_HEADER_BYTES + klen + vlen
+        if eb_ld16(ev) != ti or _event_reason(ev, klen, vlen, ring, splitter, now_ms):
+            continue
+        bidx[j] = <uint32_t>i
+        pl = ev + C_EVENT_HEADER_BYTES + klen
+        if flat is not None and _flat_accepts(flat, pl, vlen):
+            j += 1  # valid: the native path accepts it
+            continue
+        if _one_json_value(pl, vlen):
+            seps[nbuf] = <uint32_t>w
+            out[w] = 91 if nbuf == 0 else 44  # [ ,
+            memcpy(out + w + 1, pl, vlen)
+            w += 1 + vlen
+            elem[nbuf] = <uint32_t>j
+            nbuf += 1
+        else:
+            acc[ti].mask[j] = 1
+            why[j] = ("json", "$: not valid JSON")
+        j += 1
+    if nbuf:
+        seps[nbuf] = <uint32_t>w
+        out[w] = 93  # ]
+        if PyByteArray_Resize(buf, w + 1) < 0:
+            raise MemoryError()
+        failures = sv.check(buf, memoryview(seps_b).cast("I")[:nbuf + 1], nbuf)
+        if failures is not None:
+            for f in failures:
+                j = elem[<Py_ssize_t>f[0]]
+                acc[ti].mask[j] = 1
+                why[j] = (f[1], f[2])
+    if not why:
+        sv.tally(n, None)
+        return None
+    indices = []
+    details = []
+    rules = []
+    for j in sorted(why):
+        indices.append(bidx[j])
+        rules.append(why[j][0])
+        details.append(why[j][1])
+    sv.tally(n - len(indices), rules)
+    if acc[ti].dead_letter:
+        dead_letters[ti] = {j: sv.dead_letter_headers(why[j][1]) for j in why}
+    return indices, details

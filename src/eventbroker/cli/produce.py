@@ -20,6 +20,7 @@ from eventbroker.ops.logs import plural
 from eventbroker.protocol import DEFAULT_LISTEN
 
 _CONNECT_WAIT_S = 10.0
+_SHOWN_REJECTIONS = 20  # rejected lines printed (and listed in --json) with their reason
 
 
 class _StdinLines:
@@ -57,7 +58,7 @@ class _StdinLines:
 
 async def _produce(args: argparse.Namespace) -> int:
     counts: Counter[str] = Counter()
-    futures: list[asyncio.Future[bytes]] = []
+    futures: list[tuple[int, asyncio.Future[bytes]]] = []  # (line number, its answer)
     key_field = args.key_field
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
@@ -112,7 +113,8 @@ async def _produce(args: argparse.Namespace) -> int:
                                   "are counted in the summary)", file=sys.stderr)
                         counts["missing_key_field"] += 1
                 counts["sent"] += 1
-                futures.append(await producer.send(args.type, line, key=key))
+                futures.append((lineno, await producer.send(args.type, line, key=key,
+                                                            schema_version=args.schema_version)))
         await producer.flush(args.timeout)
     except (asyncio.CancelledError, TimeoutError):
         if not interrupted.is_set():
@@ -120,12 +122,18 @@ async def _produce(args: argparse.Namespace) -> int:
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         await producer.close(timeout_s=0 if interrupted.is_set() else 5)
-    for f in futures:
+    rejections: list[dict] = []  # the first _SHOWN_REJECTIONS, with their lines
+    for lineno, f in futures:
         exc = f.exception() if f.done() and not f.cancelled() else ProducerClosed("not acknowledged")
         if exc is None:
             counts["persisted"] += 1
         elif isinstance(exc, EventRejected):
             counts[f"rejected:{exc.reason}"] += 1
+            if len(rejections) < _SHOWN_REJECTIONS:
+                rejections.append({"line": lineno, "reason": exc.reason, "detail": exc.detail})
+                if not args.json:
+                    print(f"line {lineno}: rejected {exc.reason}" + (f": {exc.detail}" if exc.detail else ""),
+                          file=sys.stderr)
         else:
             counts["unacknowledged"] += 1
     rejected = {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("rejected:")}
@@ -137,6 +145,7 @@ async def _produce(args: argparse.Namespace) -> int:
         "unacknowledged": counts["unacknowledged"],
         "invalid_json": counts["invalid_json"],
         "missing_key_field": counts["missing_key_field"],
+        "rejections": rejections,
     }
     if args.json:
         print(orjson.dumps(summary).decode())
@@ -165,6 +174,8 @@ def add_parser(sub) -> None:
     pr = command(sub, "produce", help="send JSON lines from stdin as events of one type")
     pr.add_argument("--type", required=True, help="event type")
     pr.add_argument("--server", default=DEFAULT_LISTEN, help=f"gateway HOST:PORT[,HOST:PORT...] (default {DEFAULT_LISTEN})")
+    pr.add_argument("--schema-version", type=int, default=None,
+                    help="the schema version the lines are written against (default: the latest)")
     pr.add_argument("--key-field", help="use this JSON field of each line as the partition key")
     pr.add_argument("--client-id", default=None)
     pr.add_argument("--linger-ms", type=float, default=5.0)

@@ -17,7 +17,8 @@ from eventbroker.config import DEFAULT_ADMIN_LISTEN, load_config
 
 _COUNTERS = ("eventbroker_events_received_total", "eventbroker_events_persisted_total",
              "eventbroker_events_rejected_total", "eventbroker_events_retry_later_total",
-             "eventbroker_events_handed_back_total")
+             "eventbroker_events_handed_back_total", "eventbroker_schema_events_validated_total",
+             "eventbroker_schema_events_invalid_total")
 
 
 def scrape(admin: str, timeout_s: float = 5.0) -> dict:
@@ -61,7 +62,7 @@ def render(prev: dict, cur: dict) -> str:
                      "every type")
     lines += [
              f"{'type':<20} {'state':<11} {'recv/s':>9} {'persist/s':>9} {'reject/s':>9} {'retry/s':>9} "
-             f"{'fill':>6} {'spool':>9} {'persisted':>11} {'rejected':>9}"]
+             f"{'invalid/s':>9} {'fill':>6} {'spool':>9} {'persisted':>11} {'rejected':>9} {'invalid':>8}"]
     for name in sorted(cur["types"]):
         c, p = cur["types"][name], prev["types"].get(name, {})
 
@@ -73,12 +74,17 @@ def render(prev: dict, cur: dict) -> str:
         cap = c.get("eventbroker_ring_capacity_bytes", 0.0)
         fill = f"{100 * c.get('eventbroker_ring_used_bytes', 0.0) / cap:.0f}%" if cap else "-"
         backlog = c.get("eventbroker_spool_backlog_bytes")
+        # Schema failures (rejected or dead-lettered): per second, and as a share of the validated events.
+        checked = c.get("eventbroker_schema_events_validated_total")
+        bad = c.get("eventbroker_schema_events_invalid_total", 0.0)
+        invalid_rate = rate("eventbroker_schema_events_invalid_total") if checked is not None else "-"
+        invalid_share = f"{100 * bad / (checked + bad):.1f}%" if checked is not None and checked + bad else "-"
         lines.append(f"{name:<20} {state:<11} {rate('eventbroker_events_received_total'):>9} "
                      f"{rate('eventbroker_events_persisted_total'):>9} {rate('eventbroker_events_rejected_total'):>9} "
-                     f"{rate('eventbroker_events_retry_later_total'):>9} {fill:>6} "
+                     f"{rate('eventbroker_events_retry_later_total'):>9} {invalid_rate:>9} {fill:>6} "
                      f"{(f'{backlog / 2**20:.1f}M' if backlog is not None else '-'):>9} "
                      f"{int(c.get('eventbroker_events_persisted_total', 0)):>11} "
-                     f"{int(c.get('eventbroker_events_rejected_total', 0)):>9}")
+                     f"{int(c.get('eventbroker_events_rejected_total', 0)):>9} {invalid_share:>8}")
     return "\n".join(lines)
 
 

@@ -32,6 +32,7 @@ from eventbroker.errors import EventRejected, ProducerClosed, ServerError, Usage
 from eventbroker.protocol import (
     DEFAULT_LISTEN,
     EVENT_HEADER_BYTES,
+    FLAG_REJECTION_DETAILS,
     MAX_KEY_BYTES,
     MAX_TYPE_NAME_BYTES,
     MAX_TYPES_PER_BATCH,
@@ -186,9 +187,12 @@ class Producer:
         key: bytes | None = None,
         timestamp_ms: int | None = None,
         event_id: bytes | None = None,
+        schema_version: int | None = None,
     ) -> asyncio.Future[bytes]:
         """Queue one event; the returned future resolves to its event id once persisted.
 
+        ``schema_version``: the version of the type's schema the payload is
+        written against (default: the gateway validates against the latest).
         Waits while ``max_buffered_events`` events are unacknowledged.
         """
         if self._closing or self._closed:
@@ -198,6 +202,10 @@ class Producer:
         while self._unresolved >= self._max_buffered:
             self._space.clear()
             await self._space.wait()
+        if schema_version is not None:
+            if isinstance(schema_version, bool) or not isinstance(schema_version, int) or schema_version < 1:
+                raise UsageError("schema_version must be a positive integer")
+            event_type = f"{event_type}@{schema_version}"
         type_b = event_type.encode("utf-8")
         if not 0 < len(type_b) <= MAX_TYPE_NAME_BYTES:
             raise UsageError("event type name must be 1..255 bytes of UTF-8")
@@ -318,7 +326,8 @@ class Producer:
                     retry.append(ev)
                     retry_after = max(retry_after, e.retry_after_ms)
                 else:
-                    self._resolve(ev, EventRejected(reason_name(e.reason), ev.event_id, ev.type.decode()))
+                    self._resolve(ev, EventRejected(reason_name(e.reason), ev.event_id,
+                                                    ev.type.decode().partition("@")[0], ack.details.get(i, "")))
         if retry:
             self.stats["retried"] += len(retry)
             delay = retry_after / 1000 * (1 + random.random() / 4)  # never before the hint
@@ -388,7 +397,7 @@ class Producer:
         _, conn = await asyncio.wait_for(
             loop.create_connection(lambda: Connection(self), host, port, **extra), self._connect_timeout_s
         )
-        conn.write(Hello(self.client_id, auth=self._token).encode())
+        conn.write(Hello(self.client_id, auth=self._token, flags=FLAG_REJECTION_DETAILS).encode())
         try:
             welcome = await asyncio.wait_for(asyncio.shield(conn.welcome), self._connect_timeout_s)
         except BaseException:

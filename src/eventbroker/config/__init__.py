@@ -10,7 +10,7 @@ This package sits just above ``protocol`` and ``errors``: it imports nothing
 of the gateway, Kafka, the spool or operations.
 """
 
-from eventbroker.config.load import load_config, with_overrides
+from eventbroker.config.load import BUILT_IN_DEFAULTS, load_config, with_overrides
 from eventbroker.config.registry import EventType, resolve_types
 from eventbroker.config.reload import reload_blockers
 from eventbroker.config.schema import (
@@ -24,6 +24,7 @@ from eventbroker.config.schema import (
     EventTypeConfig,
     KafkaConfig,
     LimitsConfig,
+    SchemasConfig,
     ServerConfig,
     SpoolConfig,
     TlsConfig,
@@ -31,7 +32,7 @@ from eventbroker.config.schema import (
 )
 
 __all__ = [
-    "DEFAULT_ADMIN_LISTEN", "DEFAULT_EMBEDDED_PORT", "PRIORITY_BUDGET_SHARE", "PRIORITY_ORDER", "AuthConfig",
-    "AuthProducer", "Config", "EventType", "EventTypeConfig", "KafkaConfig", "LimitsConfig", "ServerConfig",
+    "BUILT_IN_DEFAULTS", "DEFAULT_ADMIN_LISTEN", "DEFAULT_EMBEDDED_PORT", "PRIORITY_BUDGET_SHARE", "PRIORITY_ORDER", "AuthConfig",
+    "AuthProducer", "Config", "EventType", "EventTypeConfig", "KafkaConfig", "LimitsConfig", "SchemasConfig", "ServerConfig",
     "SpoolConfig", "TlsConfig", "TypeDefaults", "load_config", "reload_blockers", "resolve_types", "with_overrides",
 ]

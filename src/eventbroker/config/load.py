@@ -73,8 +73,14 @@ def _named_entry_error(entries: dict, struct: type, prefix: str) -> str:
     return ""
 
 
+BUILT_IN_DEFAULTS = "the built-in defaults"  # how a config-less run is named in messages
+
+
 def load_config(path: str | Path | None) -> Config:
-    """Load and validate a TOML file; None gives the built-in defaults."""
+    """Load and validate a TOML file; None gives the built-in defaults.
+
+    A relative ``[schemas] dir`` is taken from the file's folder (where its
+    reviewers see it) and made absolute."""
     if path is None:
         return Config()
     p = Path(path)
@@ -105,6 +111,9 @@ def load_config(path: str | Path | None) -> Config:
         resolve_types(cfg)
     except ValueError as e:
         raise ConfigError(f"{p}: {e}") from None
+    if not Path(cfg.schemas.dir).is_absolute():  # beside the config file, as its reviewers see it
+        cfg = msgspec.structs.replace(
+            cfg, schemas=msgspec.structs.replace(cfg.schemas, dir=str((p.parent / cfg.schemas.dir).resolve())))
     return cfg
 
 

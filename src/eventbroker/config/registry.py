@@ -10,7 +10,7 @@ import re
 
 from msgspec import Struct
 
-from eventbroker.config.schema import AckMode, Config, Partitioning, Priority
+from eventbroker.config.schema import AckMode, Compatibility, Config, OnInvalid, Partitioning, Priority
 
 
 class EventType(Struct, frozen=True, kw_only=True):
@@ -24,6 +24,15 @@ class EventType(Struct, frozen=True, kw_only=True):
     ring_bytes: int
     enabled: bool
     ack: AckMode = "kafka"
+    schema: str | None = None  # folder of its schema versions under [schemas] dir
+    compatibility: Compatibility = "backward"
+    on_invalid: OnInvalid = "reject"
+    dead_letter_topic: str = ""
+
+    @property
+    def dead_letter(self) -> bool:
+        """Whether schema failures go to ``dead_letter_topic``."""
+        return self.schema is not None and self.on_invalid == "dead_letter"
 
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
@@ -35,8 +44,10 @@ def resolve_types(cfg: Config) -> dict[str, EventType]:
     out: dict[str, EventType] = {}
     for name, t in sorted(cfg.types.items()):
         topic = t.topic if t.topic is not None else f"events.{name}"
-        if not _TOPIC_RE.match(topic):
-            raise ValueError(f"key 'types.{name}.topic': {topic!r} is not a valid Kafka topic name")
+        dead_letter_topic = t.dead_letter_topic if t.dead_letter_topic is not None else f"events.{name}.invalid"
+        for key, value in (("topic", topic), ("dead_letter_topic", dead_letter_topic)):
+            if not _TOPIC_RE.match(value):
+                raise ValueError(f"key 'types.{name}.{key}': {value!r} is not a valid Kafka topic name")
         et = EventType(
             name=name,
             topic=topic,
@@ -46,7 +57,13 @@ def resolve_types(cfg: Config) -> dict[str, EventType]:
             ring_bytes=t.ring_bytes or d.ring_bytes,
             enabled=d.enabled if t.enabled is None else t.enabled,
             ack=t.ack or d.ack,
+            schema=t.schema,
+            compatibility=t.compatibility or d.compatibility,
+            on_invalid=t.on_invalid or d.on_invalid,
+            dead_letter_topic=dead_letter_topic,
         )
+        if et.dead_letter and dead_letter_topic == topic:
+            raise ValueError(f"key 'types.{name}.dead_letter_topic': must differ from the type's topic")
         if et.ring_bytes < 2 * cfg.server.max_frame_bytes:
             raise ValueError(
                 f"key 'types.{name}.ring_bytes': {et.ring_bytes} is less than twice server.max_frame_bytes "

@@ -26,7 +26,7 @@ def reload_blockers(old: Config, new: Config) -> list[str]:
         out += [f"{section}.{k}" for k in keys if getattr(a, k) != getattr(b, k)]
     old_types, new_types = resolve_types(old), resolve_types(new)
     for name in sorted(old_types.keys() & new_types.keys()):
-        for k in ("topic", "ack"):
+        for k in ("topic", "ack", "dead_letter_topic"):
             if getattr(old_types[name], k) != getattr(new_types[name], k):
                 out.append(f"types.{name}.{k}")
     return out

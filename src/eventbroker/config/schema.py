@@ -25,6 +25,10 @@ TypeName = Annotated[str, Meta(pattern=TYPE_NAME_PATTERN)]
 Priority = Literal["critical", "high", "normal", "low"]
 Partitioning = Literal["key", "spread"]
 AckMode = Literal["kafka", "spool"]  # when a type's events are acknowledged
+# How a type's schema versions may evolve (docs/schemas.md).
+Compatibility = Literal["backward", "backward_transitive", "forward", "forward_transitive", "full",
+                        "full_transitive", "none"]
+OnInvalid = Literal["reject", "dead_letter"]  # what an event its schema refuses gets
 
 PRIORITY_ORDER: dict[str, int] = {"critical": 0, "high": 1, "normal": 2, "low": 3}
 # Share of server.memory_budget_bytes up to which each priority is admitted.
@@ -141,6 +145,13 @@ class SpoolConfig(_Base, frozen=True):
             state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
             p = Path(state) / p if state else Path.cwd() / p
         return p
+
+
+class SchemasConfig(_Base, frozen=True):
+    # Event schemas: <dir>/<schema>/<N>.json, N = 1, 2, ... (docs/schemas.md).
+    # A relative dir is taken from the config file's folder (load_config
+    # makes it absolute), else from the current directory.
+    dir: str = "schemas"
 
 
 class TlsConfig(_Base, frozen=True):
@@ -268,6 +279,8 @@ class TypeDefaults(_Base, frozen=True):
     ring_bytes: Annotated[int, Meta(ge=64 * 1024)] = 64 * 1024 * 1024
     enabled: bool = True
     ack: AckMode = "kafka"
+    compatibility: Compatibility = "backward"
+    on_invalid: OnInvalid = "reject"
 
 
 class EventTypeConfig(_Base, frozen=True):
@@ -281,12 +294,22 @@ class EventTypeConfig(_Base, frozen=True):
     # When the producer is told "persisted": after Kafka acknowledged the
     # events ("kafka"), or after they are in this daemon's disk spool ("spool").
     ack: AckMode | None = None
+    # The folder under [schemas] dir holding this type's versions; none: the
+    # payloads are not looked at (free-form types).
+    schema: TypeName | None = None
+    compatibility: Compatibility | None = None
+    # "reject": answered rejected schema_violation in the ACK; "dead_letter":
+    # acknowledged, and written to dead_letter_topic with the failure in the
+    # eb.error header.
+    on_invalid: OnInvalid | None = None
+    dead_letter_topic: str | None = None  # default: "events.<type>.invalid"
 
 
 class Config(_Base, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
+    schemas: SchemasConfig = msgspec.field(default_factory=SchemasConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)

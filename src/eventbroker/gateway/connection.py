@@ -20,6 +20,7 @@ from eventbroker.config import ServerConfig
 from eventbroker.errors import AuthFailed, ProtocolError
 from eventbroker.gateway.router import Router
 from eventbroker.protocol import (
+    FLAG_REJECTION_DETAILS,
     MAX_HELLO_BYTES,
     AckEntry,
     ErrorCode,
@@ -132,6 +133,7 @@ class Connection(asyncio.Protocol):
         self.addr = ""
         self.identity: Identity | None = None
         self.allowed: frozenset[bytes] | None = None  # type names it may send; None: all
+        self.details = False  # the producer reads rejection details (HELLO flag)
         self.last_rx = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._inflight_bytes = 0  # bytes of batches with parts not yet answered
@@ -290,8 +292,10 @@ class Connection(asyncio.Protocol):
         cfg = self._server.cfg
         self._release_handshake_bytes()
         self._reader.max_frame_bytes = cfg.max_frame_bytes
+        self.details = bool(hello.flags & FLAG_REJECTION_DETAILS)
         self._write(
             Welcome(
+                flags=FLAG_REJECTION_DETAILS if self.details else 0,
                 max_frame_bytes=cfg.max_frame_bytes,
                 max_event_bytes=cfg.max_event_bytes,
                 max_events_per_batch=cfg.max_events_per_batch,
@@ -319,7 +323,7 @@ class Connection(asyncio.Protocol):
             # Listed (per-event) entries first, as the protocol asks; the
             # natively encoded ones (no indices) last.
             got.answers.sort(key=lambda e: not e.indices)
-            body = encode_ack_body(got.batch_seq, got.answers, got.encoded, got.n_encoded)
+            body = encode_ack_body(got.batch_seq, got.answers, got.encoded, got.n_encoded, self.details)
             self._write(encode_frame(FrameType.ACK, body))
 
     def part_answered(self, batch: _InflightBatch, batch_seq: int, entry: AckEntry) -> None:

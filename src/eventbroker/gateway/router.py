@@ -27,6 +27,7 @@ from eventbroker.gateway.lane import Lane
 from eventbroker.kafka.sink import Sink
 from eventbroker.kafka.slots import PrioritySlots
 from eventbroker.protocol import AckEntry, Reason, Status
+from eventbroker.schema import SchemaRegistry
 
 log = logging.getLogger("eventbroker.router")
 
@@ -75,7 +76,7 @@ class Router:
     """The registry's rings and lanes, and the native splitter in front of them."""
 
     def __init__(self, types: dict[str, EventType], sink: Sink, kcfg: KafkaConfig, server_cfg: ServerConfig,
-                 lanes: LaneFactory = kafka_lanes) -> None:
+                 lanes: LaneFactory = kafka_lanes, schemas: SchemaRegistry | None = None) -> None:
         self._splitter = fp.BatchSplitter(
             max_events_per_batch=server_cfg.max_events_per_batch,
             max_event_bytes=server_cfg.max_event_bytes,
@@ -89,6 +90,7 @@ class Router:
         self._by_name: dict[bytes, Lane] = {}
         self._sink = sink
         self._make = lanes
+        self.schemas = schemas
         # Removed types still delivering what they hold, oldest first (a name
         # removed, added back as a new lane and removed again is here twice).
         self._retiring: list[tuple[Lane, asyncio.Task[None]]] = []
@@ -113,6 +115,7 @@ class Router:
         lane.ring.attach_budget(self._budget, int(server_cfg.memory_budget_bytes * share))
         self.lanes[name] = lane
         self._by_name[lane.ring.name_bytes] = lane
+        lane.ring.schemas = self.schemas.get(name) if self.schemas is not None else None
         self._splitter.add(lane.ring)
 
     # the hot path: once per batch
@@ -138,7 +141,7 @@ class Router:
         answers: list[AckEntry] = []
         accepted = 0
         by_name = self._by_name
-        for ti, status, reason, count, indices, ring in results:
+        for ti, status, reason, count, indices, ring, details in results:
             if ring is not None:
                 by_name[names[ti]].add_part(target, seq, ti, count)
                 accepted += 1
@@ -155,7 +158,7 @@ class Router:
                     retry_ms = _OVERLOADED_RETRY_MS
                     if shutting_down:
                         reason = Reason.SHUTTING_DOWN
-            answers.append(AckEntry(ti, status, reason, count, retry_ms, tuple(indices or ())))
+            answers.append(AckEntry(ti, status, reason, count, retry_ms, tuple(indices or ()), tuple(details or ())))
         return Ingested(seq, answers, accepted, encoded, n_encoded)
 
     def shed_all(self, why: str) -> None:
@@ -204,7 +207,7 @@ class Router:
                              *(lane.stop(deadline) for lane, _ in retiring), *(task for _, task in retiring))
 
     def reconfigure(self, types: dict[str, EventType], kcfg: KafkaConfig, server_cfg: ServerConfig,
-                    spool_cfg: SpoolConfig) -> list[str]:
+                    spool_cfg: SpoolConfig, schemas: SchemaRegistry | None = None) -> list[str]:
         """Apply a reloaded config: add, change and remove types, new limits.
 
         The caller has checked ``config.reload_blockers``. A removed type
@@ -224,6 +227,7 @@ class Router:
             else:
                 new_types.append(et)
         added = self._make_lanes(new_types, kcfg)
+        old_schemas, self.schemas = self.schemas, schemas
         self._splitter.max_events_per_batch = server_cfg.max_events_per_batch
         self._splitter.max_event_bytes = server_cfg.max_event_bytes
         self._splitter.max_timestamp_ahead_ms = server_cfg.max_timestamp_ahead_ms
@@ -256,6 +260,8 @@ class Router:
                 changes.append(f"type {name}: " + ", ".join(f"{k} {getattr(lane.etype, k)} -> {getattr(et, k)}"
                                                             for k in diff))
             lane.update(et, kcfg, budget, spool_cfg)
+            lane.ring.schemas = schemas.get(name) if schemas is not None else None
+        changes += _schema_changes(old_schemas, schemas)
         deadline = time.monotonic() + server_cfg.drain_timeout_ms / 1000
         for name in [n for n in self.lanes if n not in types]:
             lane = self.lanes.pop(name)
@@ -271,3 +277,17 @@ class Router:
             await lane.retire(deadline)
         finally:
             self._retiring = [(ln, t) for ln, t in self._retiring if ln is not lane]
+
+
+def _schema_changes(old: SchemaRegistry | None, new: SchemaRegistry | None) -> list[str]:
+    """What a reload changed in the types' schemas, for the log."""
+    before = {n: set(ts.versions) for n, ts in (old.types.items() if old is not None else ())}
+    after = {n: set(ts.versions) for n, ts in (new.types.items() if new is not None else ())}
+    out = []
+    for name in sorted(before.keys() | after.keys()):
+        added = sorted(after.get(name, set()) - before.get(name, set()))
+        if name not in after:
+            out.append(f"type {name}: no schema any more")
+        elif added:
+            out.append(f"type {name}: schema " + ", ".join(f"v{v}" for v in added) + " added")
+    return out

@@ -99,6 +99,11 @@ class NullSink:
         return True
 
 
+def _topics(types: dict[str, EventType]) -> set[str]:
+    """Every topic the types write: theirs, and the dead-letter topics of those that keep schema failures."""
+    return {t.topic for t in types.values()} | {t.dead_letter_topic for t in types.values() if t.dead_letter}
+
+
 class KafkaSink(BuildsRecordBatches):
     """acks=all produce requests built from prebuilt record batches.
 
@@ -129,7 +134,7 @@ class KafkaSink(BuildsRecordBatches):
         try:
             await self._client.bootstrap()
             if types:
-                await self._client.set_topics(sorted({t.topic for t in types.values()}))
+                await self._client.set_topics(sorted(_topics(types)))
         except BaseException:
             await self._client.close()
             self._client = None
@@ -169,10 +174,13 @@ class KafkaSink(BuildsRecordBatches):
         await admin.start()
         try:
             existing = set(await admin.list_topics())
-            missing = sorted({t.topic for t in types.values()} - existing)
+            missing = sorted(_topics(types) - existing)
             if not missing:
                 return
-            new = [NewTopic(t, cfg.topic_partitions, cfg.replication_factor) for t in missing]
+            dead_letter = {t.dead_letter_topic for t in types.values() if t.dead_letter}
+            # A dead-letter topic is written to partition 0 only (schema failures are rare).
+            new = [NewTopic(t, 1 if t in dead_letter else cfg.topic_partitions, cfg.replication_factor)
+                   for t in missing]
             try:
                 resp = await admin.create_topics(new)
             except TopicAlreadyExistsError:

@@ -110,11 +110,24 @@ class TopicWriter:
     # sending
 
     async def send(self, batches: list[KafkaBatch]) -> None:
-        """One produce attempt, timed; acknowledged batches leave ``batches``."""
+        """One produce attempt, timed; acknowledged batches leave ``batches``.
+
+        A batch of dead-letter entries (``fp.DEAD_LETTER_PARTITION``) goes
+        first, to partition 0 of the type's dead-letter topic; the unit is
+        acknowledged once both topics have their batches."""
         t0 = time.monotonic()
+        dead = [b for b in batches if b[0] == fp.DEAD_LETTER_PARTITION]
+        if dead:
+            await self._send_dead_letters(batches, dead)
         await self.sink.send(self.topic, batches)
         if self.produce_seconds is not None:
             self.produce_seconds.observe(time.monotonic() - t0)
+
+    async def _send_dead_letters(self, batches: list[KafkaBatch], dead: list[KafkaBatch]) -> None:
+        topic = self.etype.dead_letter_topic
+        await self.sink.partitions(topic)  # known to the client's metadata from now on
+        await self.sink.send(topic, [(0, buf, count) for _, buf, count in dead])
+        batches[:] = [b for b in batches if b[0] != fp.DEAD_LETTER_PARTITION]
 
     async def send_retrying(self, batches: list[KafkaBatch], stop_on: Callable[[ProduceFailed], bool], *,
                             slot_per_attempt: bool = False, backoff_first: bool = False) -> ProduceFailed | None:

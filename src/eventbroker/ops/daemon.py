@@ -14,8 +14,15 @@ import signal
 import time
 from pathlib import Path, PurePath
 
-from eventbroker.config import Config, load_config, reload_blockers, resolve_types, with_overrides
-from eventbroker.errors import ConfigError, SpoolError, SpoolLocked
+from eventbroker.config import (
+    BUILT_IN_DEFAULTS,
+    Config,
+    load_config,
+    reload_blockers,
+    resolve_types,
+    with_overrides,
+)
+from eventbroker.errors import ConfigError, SchemaError, SpoolError, SpoolLocked
 from eventbroker.gateway.router import Router
 from eventbroker.gateway.server import IngestServer
 from eventbroker.kafka.embedded import EmbeddedKafka
@@ -26,6 +33,7 @@ from eventbroker.ops.admin_http import AdminServer, Handler
 from eventbroker.ops.logs import plural
 from eventbroker.ops.metrics import DaemonMetrics
 from eventbroker.protocol import parse_host_port
+from eventbroker.schema import load_registry
 from eventbroker.security.policy import Security
 from eventbroker.spool.adopt import SpoolAdopter
 from eventbroker.spool.lane import SpoolLanes
@@ -61,6 +69,7 @@ class Daemon:
                  reuse_port: bool | None = None) -> None:
         self.cfg = cfg
         self.types = resolve_types(cfg)
+        self.schemas = load_registry(cfg, self.types)  # SchemaError: refuse to start
         self.config_path = config_path
         # How the config is named in messages: a worker reads its supervisor's
         # copy of the user's file, but reports the user's file.
@@ -158,7 +167,7 @@ class Daemon:
             provider = self._spool_slot if self.worker_index is not None else None
             self.lanes = SpoolLanes(cfg.spool, root_provider=provider)
             try:
-                return Router(self.types, self.sink, cfg.kafka, cfg.server, self.lanes)
+                return Router(self.types, self.sink, cfg.kafka, cfg.server, self.lanes, self.schemas)
             except SpoolLocked as e:
                 # A type directory of the free slot is held by someone else
                 # (`spool replay`, a daemon of an older layout): next slot.
@@ -251,7 +260,7 @@ class Daemon:
     async def reload(self, path: str | None = None) -> tuple[bool, str]:
         """Re-read the config file (or ``path``); apply it if it is valid and reloadable."""
         path = path or self.config_path
-        shown = self.config_source or path or "the built-in defaults"
+        shown = self.config_source or path or BUILT_IN_DEFAULTS
         try:
             new = with_overrides(load_config(path), **self.overrides)
         except ConfigError as e:
@@ -264,11 +273,17 @@ class Daemon:
                    "needs a restart")
             log.error("%s", msg)
             return False, msg
+        try:
+            schemas = load_registry(new, resolve_types(new), running=self.schemas)
+        except SchemaError as e:
+            msg = f"config reload refused, the running config stays in force: {e}"
+            log.error("%s", msg)
+            return False, msg
         assert self.router is not None and self.server is not None
         if self.lanes is not None:
             self.lanes.cfg = new.spool  # spooled types added by this reload
         try:
-            changes = self.router.reconfigure(resolve_types(new), new.kafka, new.server, new.spool)
+            changes = self.router.reconfigure(resolve_types(new), new.kafka, new.server, new.spool, schemas)
         except SpoolError as e:
             if self.lanes is not None:
                 self.lanes.cfg = self.cfg.spool
@@ -281,6 +296,7 @@ class Daemon:
         self.server.reconfigured()
         self.cfg = new
         self.types = resolve_types(new)
+        self.schemas = schemas
         msg = f"config reloaded from {shown}: " + ("; ".join(changes) if changes else "no changes")
         log.info("%s", msg)
         return True, msg

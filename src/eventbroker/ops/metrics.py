@@ -21,6 +21,7 @@ from eventbroker.gateway.lane import Lane, LaneState
 from eventbroker.gateway.router import Router
 from eventbroker.gateway.server import IngestServer
 from eventbroker.protocol import error_name, reason_name
+from eventbroker.schema import SchemaRegistry
 
 # () -> the daemon's router and listener (None before they start)
 Sources = Callable[[], tuple[Router | None, IngestServer | None]]
@@ -118,6 +119,8 @@ class _DaemonCollector(Collector):
                 retry.add_metric([tname, reason_name(reason)], n)
             yield rejected
             yield retry
+            if router.schemas is not None:
+                yield from _schema_metrics(router.schemas)
         if server is not None:
             st = server.stats
             conns = GaugeMetricFamily("eventbroker_connections", "Open producer connections")
@@ -173,3 +176,17 @@ class _DaemonCollector(Collector):
                 "1 when [auth.producers] names producers but auth.required = false lets anonymous ones send")
             open_auth.add_metric([], 1 if server.security.auth.open_despite_producers else 0)
             yield open_auth
+
+
+def _schema_metrics(registry: SchemaRegistry):
+    validated = CounterMetricFamily("eventbroker_schema_events_validated",
+                                    "Events that passed their type's schema, by version", labels=["type", "version"])
+    invalid = CounterMetricFamily("eventbroker_schema_events_invalid",
+                                  "Events their type's schema refused (rejected or dead-lettered), by version and "
+                                  "rule", labels=["type", "version", "rule"])
+    for (tname, version), st in sorted(registry.stats.items()):
+        validated.add_metric([tname, str(version)], st.validated)
+        for rule, n in sorted(st.invalid.items()):
+            invalid.add_metric([tname, str(version), rule], n)
+    yield validated
+    yield invalid

@@ -36,12 +36,20 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from eventbroker.config import Config, load_config, reload_blockers, with_overrides
+from eventbroker.config import (
+    BUILT_IN_DEFAULTS,
+    Config,
+    load_config,
+    reload_blockers,
+    resolve_types,
+    with_overrides,
+)
 from eventbroker.errors import ConfigError, UsageError
 from eventbroker.kafka.embedded import EmbeddedKafka
 from eventbroker.ops import sdnotify
@@ -49,6 +57,7 @@ from eventbroker.ops.addresses import ADMIN, PortLock, bind_failed, check_bindab
 from eventbroker.ops.admin_http import AdminServer, Handler, http_request
 from eventbroker.ops.logs import plural
 from eventbroker.protocol import parse_host_port
+from eventbroker.schema import load_registry
 
 log = logging.getLogger("eventbroker.supervisor")
 
@@ -102,6 +111,11 @@ class Supervisor:
         self.generation = 0
         self.embedded: EmbeddedKafka | None = None
         self.runtime_dir = ""
+        self._config_copy = 0  # of the config (and schemas) copied for workers
+        # The schemas in force (checked at start: a bad one stops `serve`
+        # before any worker starts) and those of the config being tried.
+        self._schemas = load_registry(cfg, resolve_types(cfg))
+        self._candidate_schemas = self._schemas
         self.admin: AdminServer | None = None
         self.stopping = False
         self.worker_restarts = 0
@@ -195,20 +209,34 @@ class Supervisor:
     def _snapshot_config(self) -> None:
         """Workers read the last config the supervisor accepted, not the file
         itself: a worker restarted while the file is being edited (or broken)
-        starts with the config in force."""
+        starts with the config in force. The same holds for the event
+        schemas the config names: they are copied too."""
         self.snapshot = os.path.join(self.runtime_dir, "config.toml")
-        os.replace(self._candidate(), self.snapshot)
+        self._commit_candidate(self._candidate(self.cfg))
 
-    def _candidate(self) -> str:
-        """The config file's current text, copied for workers to try."""
-        data = open(self.config_path, "rb").read() if self.config_path else b""  # noqa: ASYNC230, SIM115
+    def _candidate(self, cfg: Config) -> str:
+        """``cfg`` (the file as parsed, with the command line's overrides,
+        which workers apply again) for workers to try, its schemas folder
+        copied beside it under a new name."""
+        self._config_copy += 1
+        schemas = os.path.join(self.runtime_dir, f"schemas-{self._config_copy}")
+        if os.path.isdir(cfg.schemas.dir):
+            shutil.copytree(cfg.schemas.dir, schemas, symlinks=False)
+        cfg = msgspec.structs.replace(cfg, schemas=msgspec.structs.replace(cfg.schemas, dir=schemas))
         path = os.path.join(self.runtime_dir, "config.next.toml")
         with open(path, "wb") as f:  # noqa: ASYNC230 - a few kB, at start and reload
-            f.write(data)
+            f.write(msgspec.toml.encode(cfg))
         return path
 
     def _commit_candidate(self, path: str) -> None:
         os.replace(path, self.snapshot)
+        self._drop_schema_copies(keep=self._config_copy)
+
+    def _drop_schema_copies(self, keep: int) -> None:
+        keep_name = f"schemas-{keep}"
+        for name in os.listdir(self.runtime_dir):
+            if name.startswith("schemas-") and name != keep_name:
+                shutil.rmtree(os.path.join(self.runtime_dir, name), ignore_errors=True)
 
     def _spawn(self, coro) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -264,7 +292,7 @@ class Supervisor:
             cmd.append("-v")
         cmd += ["serve", "--worker-of", str(os.getpid()), "--worker-index", str(w.index),
                 "--control-socket", w.control]
-        cmd += ["--config", config, "--config-source", self.config_path or "the built-in defaults"]
+        cmd += ["--config", config, "--config-source", self.config_path or BUILT_IN_DEFAULTS]
         for k in ("listen", "kafka", "sink"):
             if self.overrides.get(k) is not None:
                 cmd += [f"--{k}", self.overrides[k]]
@@ -343,8 +371,12 @@ class Supervisor:
     # reload and restart
 
     def _load(self) -> Config | None:
+        """The config file and the schemas it names, checked here (so a
+        refusal names the user's files, not the workers' copies)."""
         try:
-            return with_overrides(load_config(self.config_path), **self.overrides)
+            cfg = with_overrides(load_config(self.config_path), **self.overrides)
+            self._candidate_schemas = load_registry(cfg, resolve_types(cfg), running=self._schemas)
+            return cfg
         except ConfigError as e:
             log.error("config reload refused, the running config stays in force: %s", e)
             return None
@@ -372,12 +404,14 @@ class Supervisor:
         if not live:
             log.error("config reload refused: no worker is running")
             return False
-        candidate = self._candidate()
+        committed = self._config_copy
+        candidate = self._candidate(new)
         results = await asyncio.gather(*(self._reload_worker(w, candidate) for w in live))
         refused = [w for w, r in zip(live, results, strict=True) if r == "refused"]
         if not refused:
             self._commit_candidate(candidate)
             self.cfg = new
+            self._schemas = self._candidate_schemas
             self.version += 1
             self.reloads += 1
             for w, r in zip(live, results, strict=True):
@@ -389,6 +423,7 @@ class Supervisor:
         # A worker refused: the ones that applied it go back to the config in force.
         applied = [w for w, r in zip(live, results, strict=True) if r == "applied"]
         back = await asyncio.gather(*(self._reload_worker(w, self.snapshot) for w in applied))
+        self._drop_schema_copies(keep=committed)
         log.error("config reload refused by %d of %d workers; the running config stays in force",
                   len(refused), len(live))
         unknown = [w for w, r in zip(live, results, strict=True) if r == "no answer"]
@@ -437,7 +472,8 @@ class Supervisor:
             if blockers:
                 log.error("worker replacement refused: changing %s needs a full restart", ", ".join(blockers))
                 return False
-            candidate = self._candidate()
+            committed = self._config_copy
+            candidate = self._candidate(new_cfg)
             old = [w for w in self.workers if not w.retiring]
             t0 = time.monotonic()
             log.info("replacing %s: starting generation %d", plural(len(old), "worker"), self.generation + 1)
@@ -446,10 +482,12 @@ class Supervisor:
             if not await self._wait_listening(new, _START_TIMEOUT_S):
                 log.error("the new workers did not start; keeping the old ones and the config in force")
                 await self._stop_workers(new)
+                self._drop_schema_copies(keep=committed)
                 sdnotify.notify("STATUS=serving (worker replacement failed)")
                 return False
             self._commit_candidate(candidate)
             self.cfg = new_cfg
+            self._schemas = self._candidate_schemas
             self.version += 1
             for w in new:
                 w.version = self.version
