@@ -104,12 +104,15 @@ async def test_a_mixed_batch_is_answered_per_event(daemon_factory, kafka_bootstr
     assert len(read_topic(kafka_bootstrap, topic, 200)) == 200
 
 
+@pytest.mark.parametrize("ack", ["kafka", "spool"])
 async def test_dead_letter_mode_acks_invalid_events_into_the_dead_letter_topic_with_the_reason(
-        daemon_factory, kafka_bootstrap, tmp_path):
+        daemon_factory, kafka_bootstrap, tmp_path, ack):
+    """Also for a type acknowledged from the disk spool: the dead-letter
+    entries travel through the spool and its forwarder."""
     schemas = write_schemas(tmp_path / "schemas", {"play": [PLAY_V1]})
     prefix = "dl" + os.urandom(4).hex()
-    types = _types(on_invalid="dead_letter", dead_letter_topic=f"{prefix}.play.invalid")
-    async with daemon_factory(types, prefix=prefix, schemas=schemas) as d, \
+    types = _types(on_invalid="dead_letter", dead_letter_topic=f"{prefix}.play.invalid", ack=ack)
+    async with daemon_factory(types, prefix=prefix, schemas=schemas, spool={"dir": str(tmp_path / "spool")}) as d, \
             Producer(daemon_address(d), linger_ms=5) as p:
         good = [await p.send("play", b'{"user":"ada","track":%d}' % i, key=b"ada") for i in range(20)]
         bad = [await p.send("play", b'{"user":"ada","track":-%d}' % (i + 1), key=b"ada") for i in range(5)]

@@ -359,15 +359,17 @@ cdef inline int _event_reason(const unsigned char *ev, Py_ssize_t klen, Py_ssize
 
 
 cdef inline bint _one_json_value(const unsigned char *p, Py_ssize_t n):
-    """Whether ``p`` can hold at most one JSON value: strings closed, brackets
+    """Whether ``p`` can hold exactly one JSON value: not only whitespace, strings closed, brackets
     balanced, no comma or colon outside them. It lets a part's payloads be
     joined into one JSON array whose element i is payload i; the decoder
     checks the rest of the syntax."""
     cdef Py_ssize_t i, depth = 0
-    cdef bint in_str = False, esc = False
+    cdef bint in_str = False, esc = False, some = False
     cdef unsigned char c
     for i in range(n):
         c = p[i]
+        if not (c == 32 or c == 9 or c == 10 or c == 13):
+            some = True  # a payload of whitespace only holds no value
         if in_str:
             if esc:
                 esc = False
@@ -387,7 +389,7 @@ cdef inline bint _one_json_value(const unsigned char *p, Py_ssize_t n):
                 return False
         elif depth == 0 and (c == 44 or c == 58):  # , :
             return False
-    return not in_str and depth == 0
+    return some and not in_str and depth == 0
 
 
 cdef object _validate_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t ne, Py_ssize_t ti, _TypeAcc *acc,

@@ -21,24 +21,20 @@ field's. Annotations (``x-*``, titles, descriptions) are not changes.
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import re
 from collections.abc import Iterable
-from typing import Annotated, Any, NamedTuple
-
-import msgspec
+from typing import Any, NamedTuple
 
 from eventbroker.errors import SchemaError
+from eventbroker.schema.compile import format_matches
 from eventbroker.schema.model import Node, Version
 
 MODES = ("backward", "backward_transitive", "forward", "forward_transitive", "full", "full_transitive", "none")
 
 _ALL = frozenset({"null", "boolean", "number", "string", "array", "object"})  # number holds integer
 _NUMERIC = frozenset({"integer", "number"})
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
-_DATETIME = msgspec.json.Decoder(Annotated[datetime.datetime, msgspec.Meta(tz=True)])
 
 
 class Change(NamedTuple):
@@ -167,14 +163,7 @@ def _accepts(n: Node, v: Any) -> bool:
             return False
         if n.pattern is not None and re.search(n.pattern, v) is None:
             return False
-        if n.format == "uuid":
-            return _UUID.match(v) is not None
-        if n.format == "date-time":
-            try:
-                _DATETIME.decode(json.dumps(v).encode())
-            except msgspec.ValidationError:
-                return False
-        return n.format in (None, "date-time")
+        return n.format is None or format_matches(n.format, v)
     return False
 
 

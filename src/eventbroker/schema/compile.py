@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
@@ -35,7 +36,13 @@ _DATE_TIME_PATTERN = (
     r"^(?!0000)(?:[0-9]{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
     r"|02-(?:0[1-9]|1[0-9]|2[0-8]))|(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:[02468][048]|[13579][26])00)"
     r"-02-29)[Tt](?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])\Z")
+_FORMATS = {"uuid": re.compile(_UUID_PATTERN), "date-time": re.compile(_DATE_TIME_PATTERN)}
 _names = itertools.count()
+
+
+def format_matches(fmt: str, value: str) -> bool:
+    """Whether ``value`` has ``format`` as the compiled validator checks it."""
+    return _FORMATS[fmt].search(value) is not None
 
 
 def compile_node(node: Node, name: str) -> Any:
@@ -148,7 +155,7 @@ def _one(node: Node, t: str, name: str) -> Any:
     try:
         return msgspec.defstruct(f"S{next(_names)}", fields, rename=rename,
                                  forbid_unknown_fields=not node.additional, gc=False, kw_only=True)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # ValueError: a field name with '"', '\\' or a control character
         raise SchemaError(f"{name}: cannot be validated: {e}") from None
 
 

@@ -214,9 +214,8 @@ class _Reader:
                               f"{{\"type\": \"null\"}}")
         other = next(b for b in branches if b is not nulls[0])
         n = self.node(other, file, where, active)
-        if not n.types:
-            return n
-        n.types = n.types | {"null"}
+        if n.types:  # no types: any value (or, with an enum, only its values)
+            n.types = n.types | {"null"}
         if n.enum is not None and None not in n.enum:
             n.enum = (*n.enum, None)
         n.annotations = {**n.annotations, **_annotations(s)}
