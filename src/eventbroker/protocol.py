@@ -37,6 +37,8 @@ HEADER_EVENT_ID: bytes = fp.HEADER_EVENT_ID
 HEADER_EVENT_TYPE: bytes = fp.HEADER_EVENT_TYPE
 HEADER_TIMESTAMP: bytes = fp.HEADER_TIMESTAMP
 HEADER_RECEIVED: bytes = fp.HEADER_RECEIVED
+HEADER_SCHEMA_VERSION: bytes = fp.HEADER_SCHEMA_VERSION
+HEADER_ERROR: bytes = fp.HEADER_ERROR
 
 # Where producers find a gateway unless told otherwise (server.listen's default too).
 DEFAULT_LISTEN = "127.0.0.1:7480"
@@ -136,6 +138,11 @@ def reason_name(code: int) -> str:
 # entries; WELCOME flags bit: the server sends them (docs/protocol.md 4.4).
 FLAG_REJECTION_DETAILS = 0x0001
 MAX_DETAIL_BYTES = 200
+
+def utf8_prefix(text: str, limit: int) -> bytes:
+    """``text`` as UTF-8, cut to at most ``limit`` bytes at a character boundary."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore").encode("utf-8")
+
 
 _U16 = struct.Struct(">H")
 _HELLO_HEAD = struct.Struct(">4sHH")
@@ -309,7 +316,7 @@ def encode_ack_body(batch_seq: int, entries, encoded: bytes = b"", n_encoded: in
             parts.append(struct.pack(f">{len(e.indices)}I", *e.indices))
             if with_details and e.details:
                 for i, text in zip(e.indices, e.details, strict=True):
-                    details.append(_U32.pack(i) + _pack_str(text.encode("utf-8")[:MAX_DETAIL_BYTES]))
+                    details.append(_U32.pack(i) + _pack_str(utf8_prefix(text, MAX_DETAIL_BYTES)))
     parts.append(encoded)
     if details:
         del details[0xFFFF:]  # the count is a u16; later events go without a detail

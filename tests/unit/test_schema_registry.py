@@ -39,7 +39,7 @@ def test_the_sample_config_loads_with_its_schemas_and_the_quick_start_event_is_v
     assert play.validator.check_one(b'{"user": "ada", "trak": 42}').rule == "additionalProperties"
 
 
-def test_a_version_changed_in_place_or_removed_is_refused_on_reload(tmp_path):
+def test_a_version_changed_in_place_is_refused_on_reload_and_a_removed_one_is_gone(tmp_path):
     conf = _config(tmp_path, [V1])
     cfg = load_config(conf)
     running = load_registry(cfg, resolve_types(cfg))
@@ -52,9 +52,12 @@ def test_a_version_changed_in_place_or_removed_is_refused_on_reload(tmp_path):
     again = load_registry(cfg, resolve_types(cfg), running=running)
     assert again.get("play").latest == 2
     assert again.stats is running.stats  # counters carry over
-    (tmp_path / "schemas" / "play" / "1.json").unlink()
-    (tmp_path / "schemas" / "play" / "2.json").rename(tmp_path / "schemas" / "play" / "3.json")
-    with pytest.raises(SchemaError, match="v1 is in use and was removed"):
+    (tmp_path / "schemas" / "play" / "2.json").unlink()  # removed (a reload rolled back): allowed
+    back = load_registry(cfg, resolve_types(cfg), running=again)
+    assert back.get("play").latest == 1 and back.get("play").resolve(2) is None  # -> unknown_schema_version
+    changed_v2 = {**V1, "required": ["user"]}
+    (tmp_path / "schemas" / "play" / "2.json").write_text(json.dumps(changed_v2))
+    with pytest.raises(SchemaError, match=r"play v2 changed in place"):  # against the registry that had it
         load_registry(cfg, resolve_types(cfg), running=again)
 
 
@@ -113,3 +116,67 @@ def test_ack_details_travel_only_to_producers_that_asked():
     assert got.entries[0].indices == (3, 7)
     assert got.details[3] == "$.a: x"
     assert len(got.details[7].encode("utf-8", "replace")) <= 200  # cut to the limit
+
+
+def _splitter_with(tmp_path: Path, versions: list[dict], **etype):
+    import os
+
+    from eventbroker import _fastpath as fp
+    from eventbroker.config import EventType
+
+    d = tmp_path / "sch" / "play"
+    d.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(versions, 1):
+        (d / f"{i}.json").write_text(json.dumps(doc))
+    from eventbroker.schema.model import read_versions
+    from eventbroker.schema.registry import TypeSchemas
+
+    et = EventType(name="play", topic="t", priority="normal", max_event_bytes=1 << 16, partitioning="key",
+                   ring_bytes=1 << 22, enabled=True, schema="play", **etype)
+    ring = fp.TypeRing("play", capacity_bytes=1 << 22, max_event_bytes=1 << 16)
+    ring.schemas = TypeSchemas(et, read_versions(tmp_path / "sch", "play"), {})
+    sp = fp.BatchSplitter(max_events_per_batch=10_000, max_event_bytes=1 << 16)
+    sp.add(ring)
+
+    def ingest(events: list[tuple[bytes, bytes]]):
+        enc = fp.BatchEncoder()
+        for name, payload in events:
+            enc.add(name, os.urandom(16), 1, None, payload)
+        r = fp.FrameReader(1 << 22)
+        r.feed(enc.finish(1))
+        r.next_frame()
+        return sp.ingest_answering(r, 10)
+
+    return ring, ingest
+
+
+def test_review_findings_hostile_payloads_cost_only_their_own_events(tmp_path):
+    """Deep nesting, a field name that forges msgspec's error path, and
+    dashes in a uuid: each refused alone, the valid events beside them kept."""
+    closed = {**V1, "properties": {**V1["properties"], "id": {"type": "string", "format": "uuid"}}}
+    ring, ingest = _splitter_with(tmp_path, [closed])
+    forged = b'{"user":"x","track":1,"a` - at `$[2]":1}'
+    events = [(b"play", b"[" * 5000 + b"]" * 5000), (b"play", forged), (b"play", b'{"user":"x","track":"no"}'),
+              (b"play", b'{"user":"x","track":1}'), (b"play", b'{"user":"x","track":1,"id":"' + b"-" * 36 + b'"}')]
+    _, _, results, *_ = ingest(events)
+    rejected = next(r for r in results if r[2] == Reason.SCHEMA_VIOLATION)
+    assert rejected[4] == [0, 1, 2, 4]  # the valid one (3) is the only one kept
+    assert ring.pending_events == 1
+
+
+def test_a_batch_naming_a_type_and_one_of_its_versions_keeps_each_part_together(tmp_path):
+    """`play` and `play@1` in one batch, interleaved: the ring holds each
+    part's events together, in the order the parts were accepted (a lane
+    attributes its units to parts in that order)."""
+    ring, ingest = _splitter_with(tmp_path, [V1])
+    events = [(b"play" if i % 2 else b"play@1", b'{"user":"u","track":%d}' % i) for i in range(6)]
+    _, names, results, *_ = ingest(events)
+    accepted = [r for r in results if r[1] == 255]
+    assert [r[0] for r in accepted] == [0, 1] and names == [b"play", b"play"]
+    unit = ring.build_unit(1 << 20, 1, 0)
+    import struct
+    batch = unit[0][0][1]
+    # records in the batch: their payloads' track numbers, in ring order
+    tracks = [int(x) for x in __import__("re").findall(rb'"track":(\d+)', batch)]
+    assert tracks == [0, 2, 4, 1, 3, 5]
+    assert struct.unpack(">i", batch[57:61])[0] == 6

@@ -120,7 +120,7 @@ cdef class FlatSchema:
                     f.enum_ptr[j] = <const unsigned char *>PyBytes_AS_STRING(enum[j])
                     f.enum_len[j] = PyBytes_GET_SIZE(enum[j])
 
-    def accepts(self, payload):
+    def accepts(self, bytes payload not None):
         """Whether the flat path accepts ``payload`` (bytes); False: ask msgspec."""
         cdef const unsigned char *p = <const unsigned char *>PyBytes_AS_STRING(payload)
         return _flat_accepts(self, p, PyBytes_GET_SIZE(payload))
@@ -209,7 +209,7 @@ cdef bint _is_uuid(const unsigned char *s, Py_ssize_t n):
         return False
     for i in range(36):
         c = s[i]
-        if _BYTE_CLASS[c] != 2 and c != 45:
+        if _BYTE_CLASS[c] != 2 and not (i == 8 or i == 13 or i == 18 or i == 23):
             return False
     return True
 

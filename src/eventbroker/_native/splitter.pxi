@@ -103,6 +103,7 @@ cdef class BatchSplitter:
         cdef Py_ssize_t n_entries = 0, unknown_events = 0, invalid_events = 0, k
         cdef object versions, sv, ver, base, vb, bad
         cdef list dead_letters = None
+        cdef bint shared = False
         cdef bytes hdr, dl
         if b == NULL or reader.frame_type != C_FRAME_EVENT_BATCH:
             raise ValueError("reader is not positioned on an EVENT_BATCH frame")
@@ -166,6 +167,10 @@ cdef class BatchSplitter:
                         acc[i].hdr_len = PyBytes_GET_SIZE(hdr)
                         acc[i].dead_letter = sv.dead_letter
                 acc[i].ring = <PyObject *>ro if ro is not None else NULL
+                if ro is not None:
+                    for k in range(i):
+                        if acc[k].ring == acc[i].ring:
+                            shared = True
             start = pos
             # Pass 1: check the framing of every event, count and size parts.
             for i in range(ne):
@@ -258,6 +263,9 @@ cdef class BatchSplitter:
                     if dead_letters is None:
                         dead_letters = [None] * nt
                     bad = _validate_part(b, start, ne, i, acc, ring, self, now_ms, versions[i], dead_letters)
+                    if bad is not None and acc[i].dead_letter:  # their entries also carry eb.error
+                        acc[i].bytes_ok += sum(PyBytes_GET_SIZE(h) for h in (<dict>dead_letters[i]).values()) \
+                            - len(bad[0]) * acc[i].hdr_len
                     if bad is not None and not acc[i].dead_letter:
                         results.append((i, C_STATUS_REJECTED, C_REASON_SCHEMA_VIOLATION, len(bad[0]), bad[0], None,
                                         bad[1]))
@@ -267,32 +275,24 @@ cdef class BatchSplitter:
                 admitted += acc[i].bytes_ok  # earlier parts of this batch count too
                 acc[i].status = C_STATUS_ACCEPTED
                 results.append((i, C_STATUS_ACCEPTED, C_REASON_NONE, acc[i].n_ok, None, ring, None))
-            # Pass 2: copy accepted events into their rings.
-            pos = start
-            for i in range(ne):
-                ev = b + pos
-                ti = eb_ld16(ev)
-                klen = eb_ld16(ev + 2)
-                vlen = eb_ld32(ev + 4)
-                pos += C_EVENT_HEADER_BYTES + klen + vlen
-                if acc[ti].status != C_STATUS_ACCEPTED:
+            # Pass 2: copy accepted events into their rings, in batch order;
+            # in type-index order when two names share a ring (`play` and
+            # `play@1`), so each ring holds its parts in the order they were
+            # registered with the lane (the order of ``results``).
+            for k in range(nt if shared else 1):
+                if shared and acc[k].status != C_STATUS_ACCEPTED:
                     continue
-                ring = <TypeRing>acc[ti].ring
-                if _event_reason(ev, klen, vlen, ring, self, now_ms):
-                    continue
-                if acc[ti].hdr_len == 0:
-                    ring._write(ev, now_ms)
-                    continue
-                k = acc[ti].seen
-                acc[ti].seen += 1
-                if acc[ti].mask != NULL and acc[ti].mask[k]:
-                    if not acc[ti].dead_letter:
+                pos = start
+                for i in range(ne):
+                    ev = b + pos
+                    ti = eb_ld16(ev)
+                    klen = eb_ld16(ev + 2)
+                    vlen = eb_ld32(ev + 4)
+                    pos += C_EVENT_HEADER_BYTES + klen + vlen
+                    if acc[ti].status != C_STATUS_ACCEPTED or (shared and ti != k):
                         continue
-                    dl = <bytes>(<dict>dead_letters[ti])[k]
-                    ring._write(ev, now_ms, <const unsigned char *>PyBytes_AS_STRING(dl), PyBytes_GET_SIZE(dl), 2,
-                                C_ENTRY_DEAD_LETTER)
-                    continue
-                ring._write(ev, now_ms, <const unsigned char *>PyBytes_AS_STRING(<object>acc[ti].hdr), acc[ti].hdr_len, 1)
+                    _write_event(ev, klen, vlen, &acc[ti], <TypeRing>acc[ti].ring, self, now_ms,
+                                 dead_letters[ti] if dead_letters is not None else None)
             self.batches_in += 1
             if answer_unknown and n_entries < nt:
                 entries = entries[:n_entries * ACK_ENTRY_BYTES]
@@ -339,6 +339,28 @@ def valid_type_name(bytes name not None):
     return _valid_type_name(name)
 
 
+cdef inline int _write_event(const unsigned char *ev, Py_ssize_t klen, Py_ssize_t vlen, _TypeAcc *a,
+                             TypeRing ring, BatchSplitter splitter, int64_t now_ms, object dead) except -1:
+    """Pass 2 for one event of an accepted part: skip it if a per-event check
+    or (rejecting) its schema refused it, else write it, with its schema
+    version header, or as a dead letter."""
+    cdef Py_ssize_t k
+    cdef bytes dl
+    if _event_reason(ev, klen, vlen, ring, splitter, now_ms):
+        return 0
+    if a.hdr_len == 0:
+        return ring._write(ev, now_ms)
+    k = a.seen
+    a.seen += 1
+    if a.mask != NULL and a.mask[k]:
+        if not a.dead_letter:
+            return 0
+        dl = <bytes>(<dict>dead)[k]
+        return ring._write(ev, now_ms, <const unsigned char *>PyBytes_AS_STRING(dl), PyBytes_GET_SIZE(dl), 2,
+                           C_ENTRY_DEAD_LETTER)
+    return ring._write(ev, now_ms, <const unsigned char *>PyBytes_AS_STRING(<object>a.hdr), a.hdr_len, 1)
+
+
 cdef inline int _event_reason(const unsigned char *ev, Py_ssize_t klen, Py_ssize_t vlen,
                               TypeRing ring, BatchSplitter splitter, int64_t now_ms):
     cdef uint64_t id_hi, id_lo
@@ -356,6 +378,9 @@ cdef inline int _event_reason(const unsigned char *ev, Py_ssize_t klen, Py_ssize
             (splitter.max_timestamp_behind_ms and ts < now_ms - splitter.max_timestamp_behind_ms):
         return C_REASON_INVALID_TIMESTAMP
     return 0
+
+
+DEF MAX_JSON_DEPTH = 64
 
 
 cdef inline bint _one_json_value(const unsigned char *p, Py_ssize_t n):
@@ -383,6 +408,8 @@ cdef inline bint _one_json_value(const unsigned char *p, Py_ssize_t n):
             in_str = True
         elif c == 123 or c == 91:  # { [
             depth += 1
+            if depth > MAX_JSON_DEPTH:  # deeper than any event needs; the decoder recurses
+                return False
         elif c == 125 or c == 93:  # } ]
             depth -= 1
             if depth < 0:

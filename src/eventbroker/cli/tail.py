@@ -13,17 +13,22 @@ from eventbroker.config import DEFAULT_EMBEDDED_PORT, load_config, resolve_types
 from eventbroker.errors import UsageError
 from eventbroker.kafka.errors import KafkaConnectionError
 from eventbroker.kafka.reader import open_topic
-from eventbroker.protocol import HEADER_EVENT_ID, HEADER_EVENT_TYPE
+from eventbroker.protocol import HEADER_ERROR, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_SCHEMA_VERSION
 
 log = logging.getLogger("eventbroker")
 
-_ID, _TYPE = HEADER_EVENT_ID.decode(), HEADER_EVENT_TYPE.decode()  # aiokafka gives header keys as str
+# aiokafka gives header keys as str
+_ID, _TYPE = HEADER_EVENT_ID.decode(), HEADER_EVENT_TYPE.decode()
+_SCHEMA, _ERROR = HEADER_SCHEMA_VERSION.decode(), HEADER_ERROR.decode()
 
 
 async def _tail(args: argparse.Namespace) -> int:
     cfg = load_config(config_path(args.config))
     types = resolve_types(cfg)
-    topic = types[args.type].topic if args.type in types else f"events.{args.type}"
+    if args.dead_letters:
+        topic = types[args.type].dead_letter_topic if args.type in types else f"events.{args.type}.invalid"
+    else:
+        topic = types[args.type].topic if args.type in types else f"events.{args.type}"
     if args.type not in types:
         log.warning("type %r is not in the config; reading topic %s", args.type, topic)
     bootstrap = args.kafka or cfg.kafka.bootstrap_servers or f"127.0.0.1:{cfg.kafka.embedded_port}"
@@ -66,6 +71,10 @@ async def _tail(args: argparse.Namespace) -> int:
                             "key": m.key.decode("utf-8", "replace") if m.key is not None else None,
                             "payload": _payload_json(m.value),
                         }
+                        if _SCHEMA in headers:  # types with a schema: the version it was validated against
+                            rec["schema_version"] = int(headers[_SCHEMA] or b"0")
+                        if _ERROR in headers:  # dead letters: why the schema refused it
+                            rec["error"] = headers[_ERROR].decode("utf-8", "replace")
                         out.write(orjson.dumps(rec).decode() + "\n")
                     seen += 1
                     if args.max_events is not None and seen >= args.max_events:
@@ -100,4 +109,6 @@ def add_parser(sub) -> None:
     t.add_argument("--max-events", type=int, default=None, help="exit after this many events")
     t.add_argument("--idle-exit-ms", type=int, default=None, help="exit after this long without events")
     t.add_argument("--payload-only", action="store_true", help="print only each payload")
+    t.add_argument("--dead-letters", action="store_true",
+                   help="read the type's dead-letter topic (events its schema refused, with the reason)")
     t.set_defaults(func=cmd_tail)

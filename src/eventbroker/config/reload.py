@@ -29,4 +29,6 @@ def reload_blockers(old: Config, new: Config) -> list[str]:
         for k in ("topic", "ack", "dead_letter_topic"):
             if getattr(old_types[name], k) != getattr(new_types[name], k):
                 out.append(f"types.{name}.{k}")
+        if old_types[name].dead_letter != new_types[name].dead_letter:  # its topic is created at start
+            out.append(f"types.{name}.on_invalid")
     return out

@@ -286,8 +286,13 @@ def _schema_changes(old: SchemaRegistry | None, new: SchemaRegistry | None) -> l
     out = []
     for name in sorted(before.keys() | after.keys()):
         added = sorted(after.get(name, set()) - before.get(name, set()))
+        removed = sorted(before.get(name, set()) - after.get(name, set()))
         if name not in after:
             out.append(f"type {name}: no schema any more")
-        elif added:
+            continue
+        if added:
             out.append(f"type {name}: schema " + ", ".join(f"v{v}" for v in added) + " added")
+        if removed:
+            out.append(f"type {name}: schema " + ", ".join(f"v{v}" for v in removed) + " removed (producers naming "
+                       "it get unknown_schema_version)")
     return out

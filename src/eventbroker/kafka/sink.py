@@ -189,7 +189,7 @@ class KafkaSink(BuildsRecordBatches):
                 if code not in (0, TopicAlreadyExistsError.errno):
                     log.warning("could not create topic %s: error %s %s", topic, code, message or "")
                 else:
-                    log.info("created topic %s (%d partitions)", topic, cfg.topic_partitions)
+                    log.info("created topic %s (%d partitions)", topic, 1 if topic in dead_letter else cfg.topic_partitions)
         except KafkaError as e:
             log.warning("topic creation failed (%s); relying on the broker's auto-creation", e)
         finally:

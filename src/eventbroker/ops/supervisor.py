@@ -112,6 +112,7 @@ class Supervisor:
         self.embedded: EmbeddedKafka | None = None
         self.runtime_dir = ""
         self._config_copy = 0  # of the config (and schemas) copied for workers
+        self._candidate_copy = self._committed_copy = 0  # the copy being tried, the copy in force
         # The schemas in force (checked at start: a bad one stops `serve`
         # before any worker starts) and those of the config being tried.
         self._schemas = load_registry(cfg, resolve_types(cfg))
@@ -219,6 +220,7 @@ class Supervisor:
         which workers apply again) for workers to try, its schemas folder
         copied beside it under a new name."""
         self._config_copy += 1
+        self._candidate_copy = self._config_copy
         schemas = os.path.join(self.runtime_dir, f"schemas-{self._config_copy}")
         if os.path.isdir(cfg.schemas.dir):
             shutil.copytree(cfg.schemas.dir, schemas, symlinks=False)
@@ -230,7 +232,8 @@ class Supervisor:
 
     def _commit_candidate(self, path: str) -> None:
         os.replace(path, self.snapshot)
-        self._drop_schema_copies(keep=self._config_copy)
+        self._committed_copy = self._candidate_copy
+        self._drop_schema_copies(keep=self._committed_copy)
 
     def _drop_schema_copies(self, keep: int) -> None:
         keep_name = f"schemas-{keep}"
@@ -404,7 +407,6 @@ class Supervisor:
         if not live:
             log.error("config reload refused: no worker is running")
             return False
-        committed = self._config_copy
         candidate = self._candidate(new)
         results = await asyncio.gather(*(self._reload_worker(w, candidate) for w in live))
         refused = [w for w, r in zip(live, results, strict=True) if r == "refused"]
@@ -423,7 +425,7 @@ class Supervisor:
         # A worker refused: the ones that applied it go back to the config in force.
         applied = [w for w, r in zip(live, results, strict=True) if r == "applied"]
         back = await asyncio.gather(*(self._reload_worker(w, self.snapshot) for w in applied))
-        self._drop_schema_copies(keep=committed)
+        self._drop_schema_copies(keep=self._committed_copy)
         log.error("config reload refused by %d of %d workers; the running config stays in force",
                   len(refused), len(live))
         unknown = [w for w, r in zip(live, results, strict=True) if r == "no answer"]
@@ -472,7 +474,6 @@ class Supervisor:
             if blockers:
                 log.error("worker replacement refused: changing %s needs a full restart", ", ".join(blockers))
                 return False
-            committed = self._config_copy
             candidate = self._candidate(new_cfg)
             old = [w for w in self.workers if not w.retiring]
             t0 = time.monotonic()
@@ -482,7 +483,7 @@ class Supervisor:
             if not await self._wait_listening(new, _START_TIMEOUT_S):
                 log.error("the new workers did not start; keeping the old ones and the config in force")
                 await self._stop_workers(new)
-                self._drop_schema_copies(keep=committed)
+                self._drop_schema_copies(keep=self._committed_copy)
                 sdnotify.notify("STATUS=serving (worker replacement failed)")
                 return False
             self._commit_candidate(candidate)

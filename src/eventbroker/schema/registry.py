@@ -21,7 +21,7 @@ from typing import Any
 from eventbroker import _fastpath as fp
 from eventbroker.config import Config, EventType
 from eventbroker.errors import SchemaError
-from eventbroker.protocol import MAX_DETAIL_BYTES
+from eventbroker.protocol import MAX_DETAIL_BYTES, utf8_prefix
 from eventbroker.schema.compat import check_chain
 from eventbroker.schema.compile import flat_schema
 from eventbroker.schema.model import Version, read_versions
@@ -77,7 +77,7 @@ class SchemaVersion:
 
     def dead_letter_headers(self, detail: str) -> bytes:
         """The record headers of a dead-lettered event: its version and why it failed."""
-        return self.header + record_header(fp.HEADER_ERROR, detail.encode()[:MAX_DETAIL_BYTES])
+        return self.header + record_header(fp.HEADER_ERROR, utf8_prefix(detail, MAX_DETAIL_BYTES))
 
 
 class TypeSchemas:
@@ -124,8 +124,8 @@ def load_versions(cfg: Config, etype: EventType) -> dict[int, Version]:
 
 def load_registry(cfg: Config, types: dict[str, EventType], running: SchemaRegistry | None = None) -> SchemaRegistry:
     """Load every type's schemas. With ``running`` (a reload), a version the
-    running registry has must be unchanged and still there: versions are
-    immutable once in use (events name them); add a new one instead."""
+    running registry has must be unchanged: versions are immutable once in
+    use (events name them); add a new one instead."""
     stats = running.stats if running is not None else {}
     out: dict[str, TypeSchemas] = {}
     for name, et in types.items():
@@ -135,10 +135,9 @@ def load_registry(cfg: Config, types: dict[str, EventType], running: SchemaRegis
         old = running.get(name) if running is not None else None
         if old is not None:
             for n, sv in old.versions.items():
-                if n not in versions:
-                    raise SchemaError(f"{sv.version.path}: {name} v{n} is in use and was removed; versions are "
-                                      f"immutable (producers may name them): put it back")
-                if _canonical(versions[n].document) != _canonical(sv.version.document):
+                # A removed version is allowed (producers naming it get
+                # unknown_schema_version; a rolled-back reload removes one).
+                if n in versions and _canonical(versions[n].document) != _canonical(sv.version.document):
                     raise SchemaError(f"{versions[n].path}: {name} v{n} changed in place; versions are immutable "
                                       f"once in use: add v{max(versions) + 1} instead")
         out[name] = TypeSchemas(et, versions, stats)
