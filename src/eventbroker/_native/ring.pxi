@@ -78,6 +78,7 @@ cdef class TypeRing:
     # The type's schemas (eventbroker.schema.TypeSchemas) or None: the
     # splitter validates each accepted part against them.
     cdef public object schemas
+    cdef unsigned long long _seen_in  # the splitter's batch token that last named this ring
 
     def __init__(self, str name, *, Py_ssize_t capacity_bytes, Py_ssize_t max_event_bytes,
                  bint by_key=True, bint enabled=True, Py_ssize_t chunk_bytes=262144):

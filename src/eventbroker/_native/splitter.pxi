@@ -25,6 +25,7 @@ cdef class BatchSplitter:
     cdef public Py_ssize_t max_events_per_batch
     cdef public Py_ssize_t max_event_bytes
     cdef public unsigned long long batches_in
+    cdef unsigned long long _batch_token  # marks the rings a batch's type table names
     # An event whose timestamp is further ahead of (behind) the gateway's
     # clock than this is rejected invalid_timestamp; 0: no limit.
     cdef public int64_t max_timestamp_ahead_ms
@@ -114,6 +115,7 @@ cdef class BatchSplitter:
         pos = 10
         if nt == 0:
             raise ProtocolError(C_ERR_MALFORMED_FRAME, "event batch has no type table")
+        self._batch_token += 1
         if nt > C_MAX_TYPES_PER_BATCH:
             raise ProtocolError(C_ERR_MALFORMED_FRAME, f"{nt} types in one batch; at most {C_MAX_TYPES_PER_BATCH}")
         for i in range(nt):
@@ -167,10 +169,10 @@ cdef class BatchSplitter:
                         acc[i].hdr_len = PyBytes_GET_SIZE(hdr)
                         acc[i].dead_letter = sv.dead_letter
                 acc[i].ring = <PyObject *>ro if ro is not None else NULL
-                if ro is not None:
-                    for k in range(i):
-                        if acc[k].ring == acc[i].ring:
-                            shared = True
+                if ro is not None:  # a ring met twice in this table (`play`, `play@1`)?
+                    if (<TypeRing>ro)._seen_in == self._batch_token:
+                        shared = True
+                    (<TypeRing>ro)._seen_in = self._batch_token
             start = pos
             # Pass 1: check the framing of every event, count and size parts.
             for i in range(ne):
