@@ -8,6 +8,12 @@ cdef bytes _varint(int64_t v):
     return PyBytes_FromStringAndSize(<const char *>buf, end - buf)
 
 
+def record_header(bytes key not None, bytes value not None):
+    """One Kafka record header as record batches v2 hold it: varint key
+    length, key, varint value length, value (ready for ``TypeRing`` entries)."""
+    return _varint(len(key)) + key + _varint(len(value)) + value
+
+
 @cython.final
 cdef class _Chunk:
     cdef unsigned char *data
@@ -83,7 +89,6 @@ cdef class TypeRing:
     def __init__(self, str name, *, Py_ssize_t capacity_bytes, Py_ssize_t max_event_bytes,
                  bint by_key=True, bint enabled=True, Py_ssize_t chunk_bytes=262144):
         cdef bytes nb = name.encode("utf-8")
-        cdef bytearray hdr = bytearray()
         if not 0 < len(nb) <= 255:
             raise ValueError("event type name must be 1..255 bytes")
         self.name = name
@@ -99,12 +104,7 @@ cdef class TypeRing:
         self._next_seq = 0
         self._read_idx = 0
         self._read_off = 0
-        # varint(len("eb.type")) "eb.type" varint(len(name)) name
-        hdr += _varint(len(C_HEADER_EVENT_TYPE))
-        hdr += C_HEADER_EVENT_TYPE
-        hdr += _varint(len(nb))
-        hdr += nb
-        self._type_hdr = bytes(hdr)
+        self._type_hdr = record_header(C_HEADER_EVENT_TYPE, nb)
         self.schemas = None
 
     @property

@@ -424,43 +424,27 @@ cdef inline bint _one_json_value(const unsigned char *p, Py_ssize_t n):
 cdef object _validate_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t ne, Py_ssize_t ti, _TypeAcc *acc,
                            TypeRing ring, BatchSplitter splitter, int64_t now_ms, object sv, list dead_letters):
     """Validate the events of type index ``ti`` that passed the per-event
-    checks against schema version ``sv``, in one call: their payloads are
-    joined into one JSON array here, and ``sv.check`` decodes it at once.
-    Sets ``acc[ti].mask``; returns None when all are valid, else (batch
-    indices, details) of the failures, in batch order."""
-    cdef Py_ssize_t n = acc[ti].n_ok, pos = start, i, klen, vlen, total = 2, j = 0, nbuf = 0, w = 0
+    checks against schema version ``sv``: each first by the native
+    accept-path (flat closed schemas), the rest joined into one JSON array
+    here, which ``sv.check`` decodes at once. Nothing is allocated while the
+    native path accepts. Sets ``acc[ti].mask``; returns None when all are
+    valid, else (batch indices, details) of the failures, in batch order."""
+    cdef Py_ssize_t n = acc[ti].n_ok, pos = start, i, klen, vlen, total, j = 0, nbuf = 0, w = 0, k
     cdef const unsigned char *ev
     cdef const unsigned char *pl
-    cdef unsigned char *out
-    cdef uint32_t *bidx
-    cdef uint32_t *elem
-    cdef uint32_t *seps
-    cdef bytearray buf
-    cdef bytes seps_b, elem_b, bidx_b
+    cdef unsigned char *out = NULL
+    cdef uint32_t *elem = NULL  # per payload in the array: (position in the part, batch index)
+    cdef uint32_t *seps = NULL
+    cdef bytearray buf = None
+    cdef bytes seps_b = None, elem_b = None
     cdef list indices, details, rules
-    cdef dict why = {}
+    cdef dict why = {}  # position in the part -> (batch index, rule, detail)
     cdef FlatSchema flat = sv.flat
     if n == 0:
         return None
-    for i in range(ne):
-        ev = b + pos
-        klen = eb_ld16(ev + 2)
-        vlen = eb_ld32(ev + 4)
-        pos += C_EVENT_HEADER_BYTES + klen + vlen
-        if eb_ld16(ev) == ti:
-            total += vlen + 1
     acc[ti].mask = <unsigned char *>calloc(n, 1)
     if acc[ti].mask == NULL:
         raise MemoryError()
-    buf = PyByteArray_FromStringAndSize(NULL, total)
-    out = <unsigned char *>PyByteArray_AS_STRING(buf)
-    seps_b = PyBytes_FromStringAndSize(NULL, (n + 1) * 4)
-    seps = <uint32_t *>PyBytes_AS_STRING(seps_b)
-    elem_b = PyBytes_FromStringAndSize(NULL, n * 4)
-    elem = <uint32_t *>PyBytes_AS_STRING(elem_b)
-    bidx_b = PyBytes_FromStringAndSize(NULL, n * 4)
-    bidx = <uint32_t *>PyBytes_AS_STRING(bidx_b)
-    pos = start
     for i in range(ne):
         ev = b + pos
         klen = eb_ld16(ev + 2)
@@ -468,21 +452,29 @@ cdef object _validate_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t 
         pos += C_EVENT_HEADER_BYTES + klen + vlen
         if eb_ld16(ev) != ti or _event_reason(ev, klen, vlen, ring, splitter, now_ms):
             continue
-        bidx[j] = <uint32_t>i
         pl = ev + C_EVENT_HEADER_BYTES + klen
         if flat is not None and _flat_accepts(flat, pl, vlen):
             j += 1  # valid: the native path accepts it
             continue
-        if _one_json_value(pl, vlen):
+        if not _one_json_value(pl, vlen):
+            acc[ti].mask[j] = 1
+            why[j] = (i, "json", "$: not valid JSON")
+        else:
+            if buf is None:  # the first payload for msgspec: room for the rest of the part
+                total = _array_bytes(ev, ne - i, ti)
+                buf = PyByteArray_FromStringAndSize(NULL, total)
+                out = <unsigned char *>PyByteArray_AS_STRING(buf)
+                seps_b = PyBytes_FromStringAndSize(NULL, (n + 1) * 4)
+                seps = <uint32_t *>PyBytes_AS_STRING(seps_b)
+                elem_b = PyBytes_FromStringAndSize(NULL, n * 8)
+                elem = <uint32_t *>PyBytes_AS_STRING(elem_b)
             seps[nbuf] = <uint32_t>w
             out[w] = 91 if nbuf == 0 else 44  # [ ,
             memcpy(out + w + 1, pl, vlen)
             w += 1 + vlen
-            elem[nbuf] = <uint32_t>j
+            elem[2 * nbuf] = <uint32_t>j
+            elem[2 * nbuf + 1] = <uint32_t>i
             nbuf += 1
-        else:
-            acc[ti].mask[j] = 1
-            why[j] = ("json", "$: not valid JSON")
         j += 1
     if nbuf:
         seps[nbuf] = <uint32_t>w
@@ -492,9 +484,9 @@ cdef object _validate_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t 
         failures = sv.check(buf, memoryview(seps_b).cast("I")[:nbuf + 1], nbuf)
         if failures is not None:
             for f in failures:
-                j = elem[<Py_ssize_t>f[0]]
-                acc[ti].mask[j] = 1
-                why[j] = (f[1], f[2])
+                k = <Py_ssize_t>f[0]
+                acc[ti].mask[elem[2 * k]] = 1
+                why[elem[2 * k]] = (elem[2 * k + 1], f[1], f[2])
     if not why:
         sv.tally(n, None)
         return None
@@ -502,10 +494,23 @@ cdef object _validate_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t 
     details = []
     rules = []
     for j in sorted(why):
-        indices.append(bidx[j])
-        rules.append(why[j][0])
-        details.append(why[j][1])
+        indices.append(why[j][0])
+        rules.append(why[j][1])
+        details.append(why[j][2])
     sv.tally(n - len(indices), rules)
     if acc[ti].dead_letter:
-        dead_letters[ti] = {j: sv.dead_letter_headers(why[j][1]) for j in why}
+        dead_letters[ti] = {j: sv.dead_letter_headers(why[j][2]) for j in why}
     return indices, details
+
+
+cdef Py_ssize_t _array_bytes(const unsigned char *ev, Py_ssize_t count, Py_ssize_t ti):
+    """Room for a JSON array of type index ``ti``'s payloads among the
+    ``count`` events from ``ev`` on: brackets and one separator each."""
+    cdef Py_ssize_t total = 2, klen, vlen, i
+    for i in range(count):
+        klen = eb_ld16(ev + 2)
+        vlen = eb_ld32(ev + 4)
+        if eb_ld16(ev) == ti:
+            total += vlen + 1
+        ev += C_EVENT_HEADER_BYTES + klen + vlen
+    return total

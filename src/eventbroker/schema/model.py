@@ -232,11 +232,7 @@ class _Reader:
                 setattr(n, attr, v)
 
     def _strings(self, n: Node, s: dict, where: str) -> None:
-        for key, attr in (("minLength", "min_length"), ("maxLength", "max_length")):
-            if key in s:
-                _count(s[key], key, where)
-                _needs(n, key, ("string",), where)
-                setattr(n, attr, s[key])
+        _counts(n, s, (("minLength", "min_length"), ("maxLength", "max_length")), "string", where)
         if "pattern" in s:
             _needs(n, "pattern", ("string",), where)
             try:
@@ -254,11 +250,7 @@ class _Reader:
             n.format = s["format"]
 
     def _arrays(self, n: Node, s: dict, file: Path, where: str, active: tuple[str, ...]) -> None:
-        for key, attr in (("minItems", "min_items"), ("maxItems", "max_items")):
-            if key in s:
-                _count(s[key], key, where)
-                _needs(n, key, ("array",), where)
-                setattr(n, attr, s[key])
+        _counts(n, s, (("minItems", "min_items"), ("maxItems", "max_items")), "array", where)
         if "items" in s:
             _needs(n, "items", ("array",), where)
             n.items = self.node(s["items"], file, f"{where}[]", active)
@@ -301,9 +293,15 @@ def _needs(n: Node, key: str, kinds: tuple[str, ...], where: str) -> None:
         raise SchemaError(f"{where}: {key} needs \"type\": {json.dumps(kinds[0])} beside it")
 
 
-def _count(v: Any, key: str, where: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise SchemaError(f"{where}: {key} must be a non-negative integer")
+def _counts(n: Node, s: dict, keys: tuple[tuple[str, str], ...], kind: str, where: str) -> None:
+    """Length bounds (minLength, minItems, ...): non-negative integers on a node of ``kind``."""
+    for key, attr in keys:
+        if key in s:
+            v = s[key]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise SchemaError(f"{where}: {key} must be a non-negative integer")
+            _needs(n, key, (kind,), where)
+            setattr(n, attr, v)
 
 
 def _json_type(v: Any) -> str:

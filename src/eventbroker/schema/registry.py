@@ -28,21 +28,6 @@ from eventbroker.schema.model import Version, read_versions
 from eventbroker.schema.validate import RULES, BatchValidator, Failure
 
 
-def _zigzag(v: int) -> bytes:
-    u = (v << 1) ^ (v >> 63)
-    out = bytearray()
-    while u > 0x7F:
-        out.append((u & 0x7F) | 0x80)
-        u >>= 7
-    out.append(u)
-    return bytes(out)
-
-
-def record_header(key: bytes, value: bytes) -> bytes:
-    """One Kafka record header, encoded (varint lengths, as record batches v2 have them)."""
-    return _zigzag(len(key)) + key + _zigzag(len(value)) + value
-
-
 @dataclass
 class SchemaStats:
     """Counters of one type and version (metrics, ``eventbroker status``)."""
@@ -59,7 +44,7 @@ class SchemaVersion:
     def __init__(self, etype: EventType, version: Version, stats: SchemaStats) -> None:
         self.number = version.number
         self.version = version
-        self.header = record_header(fp.HEADER_SCHEMA_VERSION, str(version.number).encode())
+        self.header = fp.record_header(fp.HEADER_SCHEMA_VERSION, str(version.number).encode())
         self.dead_letter = etype.dead_letter
         self.validator = BatchValidator(version.root, f"{etype.name} v{version.number}")
         self.flat = flat_schema(version.root)  # the native accept-path, for flat closed schemas
@@ -77,7 +62,7 @@ class SchemaVersion:
 
     def dead_letter_headers(self, detail: str) -> bytes:
         """The record headers of a dead-lettered event: its version and why it failed."""
-        return self.header + record_header(fp.HEADER_ERROR, utf8_prefix(detail, MAX_DETAIL_BYTES))
+        return self.header + fp.record_header(fp.HEADER_ERROR, utf8_prefix(detail, MAX_DETAIL_BYTES))
 
 
 class TypeSchemas:
@@ -149,4 +134,4 @@ def _canonical(doc: Any) -> str:
 
 
 __all__ = ["RULES", "SchemaRegistry", "SchemaStats", "SchemaVersion", "TypeSchemas", "load_registry",
-           "load_versions", "record_header"]
+           "load_versions"]
