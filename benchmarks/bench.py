@@ -9,7 +9,8 @@ each. Scenarios (see benchmarks/README.md):
   e2e        into the broker, acks=all, verified by an independent consumer
   direct     the same events straight into the broker (librdkafka, aiokafka)
   spool      e2e with the types acknowledged from the disk spool (ack = "spool")
-  sdk        e2e through the producer SDK, one send() per event
+  compression  e2e with JSON events for each Kafka codec: bytes per event, ratio, daemon CPU
+  sdk        the producer SDK (produce(), await send()) vs confluent-kafka, keys and id headers
   fanin      500 connections sending small batches, vs 500 librdkafka producers
   isolation  one type's topic unwritable while the others flow
   latency    fixed offered load at 25/50/75% of the e2e maximum
@@ -156,7 +157,8 @@ class Bench:
 
     @contextlib.contextmanager
     def daemon(self, sink: str, topics: dict[str, str], create_topics: bool = True,
-               ack: str = "kafka", schema: bool = False) -> Iterator[tuple[str, Proc]]:
+               ack: str = "kafka", schema: bool = False, compression: str = "none",
+               admin_port: int | None = None) -> Iterator[tuple[str, Proc]]:
         if self.args.server:  # a running daemon: its config decides sink and topics
             yield self.args.server, Proc(self.args.server_pid) if self.args.server_pid else _NoProc()
             return
@@ -164,7 +166,8 @@ class Bench:
 
         port = free_port()
         conf = self.tmp / f"daemon-{port}.toml"
-        lines = ['[server]\nadmin_listen = ""\n', f'[kafka]\nsink = "{sink}"\nbootstrap_servers = "{self.bootstrap}"\n',
+        admin = f"127.0.0.1:{admin_port}" if admin_port else ""
+        lines = [f'[server]\nadmin_listen = "{admin}"\n', f'[kafka]\nsink = "{sink}"\nbootstrap_servers = "{self.bootstrap}"\n',
                  f'create_topics = {str(create_topics).lower()}\ntopic_partitions = 4\n']
         if self.args.linger_ms is not None:
             lines.append(f"linger_ms = {self.args.linger_ms}\n")
@@ -174,7 +177,7 @@ class Bench:
             lines.append(f'[schemas]\ndir = "{HERE / "schemas"}"\n')
         for t, topic in topics.items():
             lines.append(f'[types.{t}]\ntopic = "{topic}"\npartitioning = "spread"\nack = "{ack}"\n'
-                         + ('schema = "bench"\n' if schema else ""))
+                         f'compression = "{compression}"\n' + ('schema = "bench"\n' if schema else ""))
         conf.write_text("".join(lines))
         log = open(self.tmp / f"daemon-{port}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
@@ -230,6 +233,7 @@ class Bench:
             if gen.returncode:
                 raise RuntimeError(f"load generator failed: {err.decode()[-2000:]}")
             outs.append(orjson.loads(out))
+            self.tags.update(outs[-1].get("id_tags", ()))  # ids the SDK generated
         res = _merge_loadgen(outs)
         res["daemon_cpu_s"] = d1 - d0
         res["broker_cpu_s"] = b1 - b0
@@ -241,7 +245,7 @@ class Bench:
         cmd = [sys.executable, str(HERE / "direct.py"), client, "--bootstrap", self.bootstrap, "--topic", topic,
                "--events", str(events), "--event-bytes", str(self.args.event_bytes), "--ready-file", str(ready)]
         for k, v in kw.items():
-            cmd += [f"--{k.replace('_', '-')}", str(v)]
+            cmd += [f"--{f}" for f in v] if k == "flags" else [f"--{k.replace('_', '-')}", str(v)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         _wait_ready(ready, proc, f"direct {client} producer")
         b0 = self.broker_proc.cpu() if self.broker_proc else 0.0
@@ -372,17 +376,77 @@ class Bench:
             checked["validation_us_per_event"] = round(checked["daemon_us_per_event"] - plain["daemon_us_per_event"], 3)
         return out
 
-    def sdk(self, events: int) -> dict:
-        """e2e through the producer SDK (send() per event) instead of raw frames."""
+    def compression(self, events: int, codecs=("none", "zstd", "lz4", "snappy", "gzip")) -> list[dict]:
+        """e2e with 10-field JSON events, every type's record batches
+        compressed with each codec in turn (default level); the bytes come
+        from the daemon's eventbroker_kafka_batch_bytes counters, and every
+        run is read back (librdkafka decompresses it)."""
+        from eventbroker.kafka.embedded import free_port
+
+        out = []
+        for codec in codecs:
+            pre = self.prefix()
+            topics = self.topics(pre)
+            admin_port = free_port()
+            with self.daemon("kafka", topics, compression=codec, admin_port=admin_port) as (server, dp):
+                res = self.loadgen(server, dp, events=events, connections=self.args.connections,
+                                   batch_events=self.args.batch_events, payload="json10")
+                sizes = _batch_bytes(f"127.0.0.1:{admin_port}")
+            run = self._gateway_figures(f"compression-{codec}", res)
+            n = res["events_acked"]
+            run["codec"] = codec
+            run["record_bytes_per_event"] = round(sizes["records"] / n, 1)
+            run["kafka_bytes_per_event"] = round(sizes["sent"] / n, 1)
+            run["compression_ratio"] = round(sizes["records"] / sizes["sent"], 2) if sizes["sent"] else None
+            expected = {topics[t]: res["acked_by_type"].get(t, 0) for t in self.types}
+            run.update(self.verify(expected, n, res["payload_checksum"]))
+            run["events_lost"] = max(0, n - run["events_verified"])
+            out.append(run)
+        base = out[0]["daemon_us_per_event"]
+        for run in out[1:]:
+            if base is not None and run["daemon_us_per_event"] is not None:
+                run["daemon_us_per_event_over_none"] = round(run["daemon_us_per_event"] - base, 3)
+        return out
+
+    def sdk(self, events: int) -> list[dict]:
+        """What a Python service pays per event: the producer SDK (``produce()``
+        and ``await send()``) into the gateway, against confluent-kafka
+        producing the same events (a key each, the 16-byte id header) straight
+        into the same broker, in one run."""
+        out = []
+        for client in ("sdk", "sdk-send"):
+            pre = self.prefix()
+            topics = self.topics(pre)
+            with self.daemon("kafka", topics) as (server, dp):
+                res = self.loadgen(server, dp, events=events, connections=self.args.connections,
+                                   batch_events=self.args.batch_events, event_bytes=self.args.event_bytes,
+                                   client=client)
+            run = self._gateway_figures("e2e-sdk" if client == "sdk" else "e2e-sdk-send", res)
+            run["client_us_per_event"] = run.pop("loadgen_us_per_event")
+            expected = {topics[t]: res["acked_by_type"].get(t, 0) for t in self.types}
+            run.update(self.verify(expected, res["events_acked"], None))
+            run["events_lost"] = max(0, res["events_acked"] - run["events_verified"])
+            if run["client_us_per_event"] is not None and run["daemon_us_per_event"] is not None:
+                run["client_plus_gateway_us_per_event"] = round(run["client_us_per_event"]
+                                                                + run["daemon_us_per_event"], 3)
+            out.append(run)
+        # Ack latency through the SDK at half the rate the produce() run sustained.
+        rate = out[0]["events_per_s"] * 0.5
         pre = self.prefix()
-        topics = self.topics(pre)
-        with self.daemon("kafka", topics) as (server, dp):
-            res = self.loadgen(server, dp, events=events, connections=self.args.connections,
-                               batch_events=self.args.batch_events, event_bytes=self.args.event_bytes, client="sdk")
-        out = self._gateway_figures("e2e-sdk", res)
-        expected = {topics[t]: res["acked_by_type"].get(t, 0) for t in self.types}
-        out.update(self.verify(expected, res["events_acked"], None))
-        out["events_lost"] = max(0, res["events_acked"] - out["events_verified"])
+        with self.daemon("kafka", self.topics(pre)) as (server, dp):
+            res = self.loadgen(server, dp, events=int(rate * self.args.seconds), rate=rate, client="sdk",
+                               connections=self.args.connections, batch_events=self.args.batch_events,
+                               event_bytes=self.args.event_bytes)
+        lat = self._gateway_figures("sdk-latency-50%", res)
+        lat["offered_events_per_s"] = round(rate)
+        lat["client_us_per_event"] = lat.pop("loadgen_us_per_event")
+        out.append(lat)
+        direct = self.direct("librdkafka", f"{self.prefix()}.direct", events, flags=("headers", "keys"))
+        direct["scenario"] = "direct-librdkafka-keys-headers"
+        out.append(direct)
+        for run in out[:2]:
+            if run.get("client_us_per_event") and direct["client_us_per_event"]:
+                run["client_vs_librdkafka"] = round(run["client_us_per_event"] / direct["client_us_per_event"], 3)
         return out
 
     def fanin(self, events: int, connections: int, batch_events: int) -> list[dict]:
@@ -446,6 +510,23 @@ class Bench:
         return out
 
 
+def _batch_bytes(admin: str) -> dict[str, float]:
+    """The daemon's eventbroker_kafka_batch_bytes, summed over types, by form."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {"records": 0.0, "sent": 0.0}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "eventbroker_kafka_batch_bytes":
+            for sample in fam.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["form"]] += sample.value
+    return out
+
+
 def machine_info() -> dict:
     import subprocess as sp
 
@@ -501,7 +582,7 @@ def run_full(b: Bench) -> dict:
     a = b.args
     n = a.events or 1_000_000
     runs: list[dict] = []
-    steps = sum(1 for x in ("ceiling", "spool", "schema", "sdk", "fanin", "isolation", "latency")
+    steps = sum(1 for x in ("ceiling", "spool", "schema", "sdk", "compression", "fanin", "isolation", "latency")
                 if x in a.scenarios) + 3 * a.rounds
     with _progress(steps, "bench") as bar:
         def tick(what: str) -> None:
@@ -528,8 +609,11 @@ def run_full(b: Bench) -> dict:
             runs.extend(b.schema(n))
             tick("schema")
         if "sdk" in a.scenarios:
-            runs.append(b.sdk(min(n, 300_000)))
+            runs.extend(b.sdk(n))
             tick("sdk")
+        if "compression" in a.scenarios:
+            runs.extend(b.compression(n))
+            tick("compression")
         if "fanin" in a.scenarios:
             runs.extend(b.fanin(min(n, 500_000), a.fanin_connections, a.fanin_batch_events))
             tick("fanin")
@@ -559,6 +643,11 @@ def summarize(runs: list[dict]) -> dict:
         "direct_aiokafka_events_per_s": med("direct-aiokafka-batch", "events_per_s"),
         "e2e_spool_daemon_us_per_event": med("e2e-spool", "daemon_us_per_event"),
         "e2e_spool_events_per_s": med("e2e-spool", "events_per_s"),
+        "sdk_produce_client_us_per_event": med("e2e-sdk", "client_us_per_event"),
+        "sdk_send_client_us_per_event": med("e2e-sdk-send", "client_us_per_event"),
+        "sdk_produce_client_plus_gateway_us_per_event": med("e2e-sdk", "client_plus_gateway_us_per_event"),
+        "direct_librdkafka_keys_headers_client_us_per_event": med("direct-librdkafka-keys-headers",
+                                                                  "client_us_per_event"),
         "events_lost": sum(r.get("events_lost", 0) for r in runs),
     }
     if s["e2e_daemon_us_per_event"] and s["direct_librdkafka_client_us_per_event"]:
@@ -571,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="eventbroker bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="under a minute: one JSON line of key figures")
-    ap.add_argument("--scenarios", default="ceiling,e2e,direct,spool,schema,sdk,fanin,isolation,latency")
+    ap.add_argument("--scenarios", default="ceiling,e2e,direct,spool,schema,sdk,compression,fanin,isolation,latency")
     ap.add_argument("--events", type=int, help="events per run (default 1,000,000; --quick 300,000)")
     ap.add_argument("--event-bytes", type=int, default=200)
     ap.add_argument("--connections", type=int, default=4)
@@ -593,7 +682,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.server:
         if not args.kafka:
             ap.error("--server needs --kafka (the broker that daemon writes to)")
-        dropped = args.scenarios & {"ceiling", "isolation"}
+        dropped = args.scenarios & {"ceiling", "isolation", "compression"}
         if dropped:
             print(f"with --server, skipping {', '.join(sorted(dropped))} (they configure their own daemon)",
                   file=sys.stderr)

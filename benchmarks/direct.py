@@ -6,8 +6,9 @@
 librdkafka (confluent-kafka) is tuned the way a careful service would tune it
 for throughput (linger, large batches, acks=all, no compression); aiokafka uses
 its batch API (create_batch/send_batch), the fastest aiokafka path. By default
-records carry no headers (the cheapest case for the direct producer); with
-``--headers`` each gets the 16-byte eb.id header the gateway adds.
+records carry no headers and no key (the cheapest case for the direct
+producer); with ``--headers`` each gets the 16-byte eb.id header the gateway
+adds, with ``--keys`` a key (one of 1024).
 ``--producers K --batch-events B`` models many small services: K producer
 instances, each sending B events and waiting for them before the next B.
 
@@ -61,8 +62,11 @@ def run_librdkafka(args: argparse.Namespace) -> dict:
         p = producers[0]
         produce = p.produce
         topic = args.topic
+        keys = [b"user-%04d" % i for i in range(1024)]
         for i in range(n):
             kw = {"headers": [("eb.id", struct.pack(">QQ", 1, i + 1))]} if args.headers else {}
+            if args.keys:
+                kw["key"] = keys[i & 1023]
             try:
                 produce(topic, payload, on_delivery=on_delivery, **kw)
             except BufferError:
@@ -134,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-events", type=int, default=20)
     ap.add_argument("--headers", action="store_true",
                     help="give each record an eb.id header, as the gateway does (costs librdkafka about 2 us)")
+    ap.add_argument("--keys", action="store_true",
+                    help="give each record a key, one of 1024 (as the sdk scenario's producers do)")
     ap.add_argument("--ready-file")
     args = ap.parse_args(argv)
     if args.client == "librdkafka":

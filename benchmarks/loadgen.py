@@ -182,15 +182,19 @@ def _with_seq(frame: bytes, seq: int) -> bytes:
 
 
 async def run_sdk(args: argparse.Namespace) -> dict:
-    """The same load through the producer SDK: one Producer per connection, a
-    ``send()`` per event; what a service using eventbroker.client pays."""
-    from eventbroker.client import Producer
+    """The same load through the producer SDK, what a service using
+    eventbroker.client pays: one Producer per connection, and per event either
+    ``produce()`` (``--client sdk``: no object per event, counted by
+    ``flush()``) or ``await send()`` (``--client sdk-send``: a future per
+    event). Every event has a key (one of 1024) and an id the SDK generates."""
+    from eventbroker.client import BufferFull, Producer
 
     types = args.types.split(",")
     per_conn = max(1, args.events // args.connections)
     payloads = [payload_for(i, args.event_bytes) for i in range(min(per_conn, 4096))]
+    keys = [b"user-%04d" % i for i in range(1024)]
     producers = [Producer(args.server, linger_ms=2, max_inflight_batches=args.window,
-                          batch_max_bytes=args.batch_events * (args.event_bytes + 32)) for _ in range(args.connections)]
+                          batch_max_bytes=args.batch_events * (args.event_bytes + 48)) for _ in range(args.connections)]
     for p in producers:
         await p.start()
         await p.wait_connected(30)
@@ -199,33 +203,92 @@ async def run_sdk(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     cpu0 = time.process_time()
     acked: Counter[str] = Counter()
+    rejected = [0]
+    n_types = len(types)
+    be = args.batch_events
 
-    async def one(conn_id: int, p) -> None:
+    async def with_produce(p) -> None:
+        produce = p.produce
+        i = 0
+        while i < per_conn:
+            t = types[(i // be) % n_types]
+            end = min(per_conn, i + be)
+            try:
+                while i < end:
+                    produce(t, payloads[i & 4095], key=keys[i & 1023])
+                    i += 1
+            except BufferFull:
+                await p.wait_for_space()
+            await asyncio.sleep(0)  # let acks in between type runs
+        report = await p.flush()
+        rejected[0] += report.rejected + report.failed
+
+    async def with_send(p) -> None:
         futs = []
-        prefix = struct.pack(">II", args.tag, conn_id)  # ids the verifier knows as this run's
         for i in range(per_conn):
-            t = types[(i // args.batch_events) % len(types)]
-            eid = prefix + struct.pack(">Q", i + 1)
-            futs.append((t, await p.send(t, payloads[i % len(payloads)], event_id=eid)))
+            t = types[(i // be) % n_types]
+            futs.append((t, await p.send(t, payloads[i & 4095], key=keys[i & 1023])))
+            if i % be == be - 1:
+                await asyncio.sleep(0)  # as with produce(): acks come in between type runs
         await p.flush()
         for t, f in futs:
-            if not f.exception():
+            if f.exception():
+                rejected[0] += 1
+            else:
                 acked[t] += 1
 
-    await asyncio.gather(*(one(c, p) for c, p in enumerate(producers)))
+    latencies: list[float] = []
+
+    async def paced(p) -> None:
+        """``--rate``: produce() at a steady pace (a tick per millisecond),
+        timing every 64th event from produce() to its acknowledgement."""
+        produce = p.produce
+        per_s = args.rate / len(producers)
+        t_start = time.perf_counter()
+        i = 0
+        while i < per_conn:
+            due = min(per_conn, int((time.perf_counter() - t_start) * per_s))
+            while i < due:
+                if i & 63:
+                    produce(types[(i // be) % n_types], payloads[i & 4095], key=keys[i & 1023])
+                else:
+                    t_sent = time.perf_counter()
+                    produce(types[(i // be) % n_types], payloads[i & 4095], key=keys[i & 1023],
+                            on_delivery=lambda _eid, exc, t_sent=t_sent: latencies.append(time.perf_counter() - t_sent))
+                i += 1
+            await asyncio.sleep(0.001)
+        report = await p.flush()
+        rejected[0] += report.rejected + report.failed
+
+    if args.rate:
+        run_one = paced
+    else:
+        run_one = with_send if args.client == "sdk-send" else with_produce
+    await asyncio.gather(*(run_one(p) for p in producers))
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
+    lat = sorted(latencies)
+
+    def pct(p: float) -> float | None:
+        return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 3) if lat else None
+
+    if args.client != "sdk-send":  # produce() counts; the types' shares follow the rotation
+        for c in range(per_conn):
+            acked[types[(c // be) % n_types]] += len(producers)
+        if rejected[0]:
+            raise SystemExit(f"{rejected[0]} events not persisted")
     for p in producers:
         await p.close()
     n = sum(acked.values())
     return {"events_acked": n, "acked_by_type": dict(acked), "events_offered": per_conn * args.connections,
-            "payload_checksum": None, "events_rejected": 0, "retry_later_batches": 0, "unanswered_batches": 0,
+            "payload_checksum": None, "events_rejected": rejected[0], "retry_later_batches": 0,
+            "unanswered_batches": 0, "id_tags": [int.from_bytes(p.id_prefix[:4], "big") for p in producers],
             "seconds": round(elapsed, 4), "events_per_s": round(n / elapsed), "loadgen_cpu_s": round(cpu, 3),
-            "ack_latency_ms": {"p50": None, "p99": None, "p999": None}, "timeline": []}
+            "ack_latency_ms": {"p50": pct(0.5), "p99": pct(0.99), "p999": pct(0.999)}, "timeline": []}
 
 
 async def run(args: argparse.Namespace) -> dict:
-    if args.client == "sdk":
+    if args.client in ("sdk", "sdk-send"):
         return await run_sdk(args)
     host, port = args.server.rsplit(":", 1)
     types = args.types.split(",")
@@ -307,8 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--drain-timeout", type=float, default=10.0)
     p.add_argument("--ready-file", help="written once all connections are up, before sending")
     p.add_argument("--loop", choices=["uvloop", "asyncio"], default="uvloop")
-    p.add_argument("--client", choices=["raw", "sdk"], default="raw",
-                   help="raw: pre-encoded frames; sdk: eventbroker.client.Producer, send() per event")
+    p.add_argument("--client", choices=["raw", "sdk", "sdk-send"], default="raw",
+                   help="raw: pre-encoded frames; sdk: eventbroker.client.Producer, produce() per event; "
+                        "sdk-send: await send() per event")
     args = p.parse_args(argv)
     if args.loop == "uvloop":
         import uvloop

@@ -9,6 +9,7 @@ One root, ``EventBrokerError``, and a few families under it:
   sent in the ERROR frame.
 * ``DeliveryError``: an event was not delivered; ``retriable`` says whether
   sending it again may succeed. ``EventRejected`` carries the reason;
+  ``BufferFull``: the producer's buffer is full (nothing was added);
   ``kafka.errors.ProduceFailed`` is the gateway's own (Kafka refused a unit).
 * ``AuthFailed``: a producer's credentials were refused (server side).
 * ``SpoolError``: a spool directory cannot be used; ``SpoolLocked`` when
@@ -77,6 +78,14 @@ class EventRejected(DeliveryError):
         self.event_id = event_id
         self.event_type = event_type
         self.detail = detail  # schema_violation: the failing JSON path and rule
+
+
+class BufferFull(DeliveryError):
+    """``produce()`` found ``max_buffered_events`` events waiting for their
+    acknowledgement; nothing was added. Wait for space (``await
+    producer.wait_for_space()``, or let ``send()`` wait) and produce again."""
+
+    retriable = True
 
 
 class ProducerClosed(DeliveryError):

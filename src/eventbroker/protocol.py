@@ -15,6 +15,8 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+import cramjam
+
 import eventbroker._fastpath as fp
 from eventbroker.errors import ProtocolError
 
@@ -138,6 +140,52 @@ def reason_name(code: int) -> str:
 # entries; WELCOME flags bit: the server sends them (docs/protocol.md 4.4).
 FLAG_REJECTION_DETAILS = 0x0001
 MAX_DETAIL_BYTES = 200
+
+# HELLO flags bits: the producer asks to send compressed EVENT_BATCH bodies
+# with this codec (one of them); WELCOME flags bit: the server accepts it.
+# Such a frame has FRAME_FLAG_COMPRESSED in its header's flags byte, and its
+# body is u32 body_length, then the codec's output (docs/protocol.md 4.3.1).
+FLAG_COMPRESS_ZSTD = 0x0002  # a zstd frame
+FLAG_COMPRESS_LZ4 = 0x0004  # an LZ4 block (no frame around it)
+CONNECTION_CODECS = {"zstd": FLAG_COMPRESS_ZSTD, "lz4": FLAG_COMPRESS_LZ4}
+FRAME_FLAG_COMPRESSED = fp.COMPRESSED_FRAME_FLAG
+_COMPRESSED_HEAD = struct.Struct(">I")
+
+
+def compress_batch_frame(frame: bytes, codec_flag: int) -> bytes:
+    """An EVENT_BATCH frame as sent on a connection that negotiated ``codec_flag``."""
+    body = memoryview(frame)[FRAME_HEADER_BYTES:]
+    if codec_flag == FLAG_COMPRESS_ZSTD:
+        packed = cramjam.zstd.compress(body, level=1)
+    else:
+        packed = cramjam.lz4.compress_block(bytes(body), store_size=False)
+    return fp.encode_frame(FrameType.EVENT_BATCH, _COMPRESSED_HEAD.pack(len(body)) + bytes(packed),
+                           FRAME_FLAG_COMPRESSED)
+
+
+def decompress_batch_body(body: bytes, codec_flag: int, max_frame_bytes: int) -> bytearray:
+    """The EVENT_BATCH body a compressed one stands for. Its declared length is
+    checked against ``max_frame_bytes`` before anything is allocated, and it
+    is decompressed into exactly that much memory, so a decompression bomb
+    costs at most max_frame_bytes (``ProtocolError`` either way)."""
+    if len(body) < 4:
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME, "compressed EVENT_BATCH body shorter than its length field")
+    (n,) = _COMPRESSED_HEAD.unpack_from(body)
+    if n > max_frame_bytes:
+        raise ProtocolError(ErrorCode.FRAME_TOO_LARGE,
+                            f"compressed EVENT_BATCH declares {n} bytes, over max_frame_bytes={max_frame_bytes}")
+    out = bytearray(n)
+    try:
+        if codec_flag == FLAG_COMPRESS_ZSTD:
+            got = cramjam.zstd.decompress_into(memoryview(body)[4:], out)
+        else:
+            got = cramjam.lz4.decompress_block_into(memoryview(body)[4:], out)
+    except cramjam.DecompressionError:
+        got = -1
+    if got != n:
+        raise ProtocolError(ErrorCode.MALFORMED_FRAME,
+                            f"compressed EVENT_BATCH does not decompress to its declared {n} bytes")
+    return out
 
 def utf8_prefix(text: str, limit: int) -> bytes:
     """``text`` as UTF-8, cut to at most ``limit`` bytes at a character boundary."""

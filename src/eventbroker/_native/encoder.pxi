@@ -1,5 +1,36 @@
 # Included by _fastpath.pyx (one extension module); see its header for the wire format.
-"""The producer side: EVENT_BATCH frames for the SDK and the load generators."""
+"""EVENT_BATCH frames built on the producer side: ``BatchEncoder`` for the load
+generators and tests, ``_batch_frame`` for it and the SDK (producer.pxi)."""
+
+
+cdef bytes _batch_frame(unsigned long long seq, list types, Py_ssize_t types_bytes, Py_ssize_t count,
+                        const unsigned char *events, Py_ssize_t events_len):
+    """A whole EVENT_BATCH frame (header, CRC and body) around encoded events."""
+    cdef Py_ssize_t body_len = 14 + types_bytes + events_len
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, C_FRAME_HEADER_BYTES + body_len)
+    cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
+    cdef unsigned char *w = p + C_FRAME_HEADER_BYTES
+    cdef bytes name
+    cdef uint32_t crc
+    eb_st32(p, <uint32_t>body_len)
+    p[4] = C_FRAME_EVENT_BATCH
+    p[5] = p[6] = p[7] = 0
+    eb_st64(w, seq)
+    eb_st16(w + 8, <uint16_t>len(types))
+    w += 10
+    for name in types:
+        w[0] = <unsigned char>PyBytes_GET_SIZE(name)
+        memcpy(w + 1, PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name))
+        w += 1 + PyBytes_GET_SIZE(name)
+    eb_st32(w, <uint32_t>count)
+    w += 4
+    if events_len:
+        memcpy(w, events, events_len)
+    crc = eb_crc32c(0, p + 4, 4)
+    crc = eb_crc32c(crc, p + C_FRAME_HEADER_BYTES, <size_t>body_len)
+    eb_st32(p + 8, crc)
+    return out
+
 
 
 @cython.final
@@ -116,29 +147,7 @@ cdef class BatchEncoder:
 
     def finish(self, unsigned long long batch_seq):
         """Return the whole EVENT_BATCH frame (header included) and reset."""
-        cdef Py_ssize_t body_len = 14 + self._types_bytes + self._len
-        cdef bytes out = PyBytes_FromStringAndSize(NULL, C_FRAME_HEADER_BYTES + body_len)
-        cdef unsigned char *p = <unsigned char *>PyBytes_AS_STRING(out)
-        cdef unsigned char *w = p + C_FRAME_HEADER_BYTES
-        cdef bytes name
-        cdef uint32_t crc
-        eb_st32(p, <uint32_t>body_len)
-        p[4] = C_FRAME_EVENT_BATCH
-        p[5] = p[6] = p[7] = 0
-        eb_st64(w, batch_seq)
-        eb_st16(w + 8, <uint16_t>len(self._types))
-        w += 10
-        for name in self._types:
-            w[0] = <unsigned char>len(name)
-            memcpy(w + 1, PyBytes_AS_STRING(name), len(name))
-            w += 1 + len(name)
-        eb_st32(w, <uint32_t>self.count)
-        w += 4
-        if self._len:
-            memcpy(w, self._buf, self._len)
-        crc = eb_crc32c(0, p + 4, 4)
-        crc = eb_crc32c(crc, p + C_FRAME_HEADER_BYTES, <size_t>body_len)
-        eb_st32(p + 8, crc)
+        cdef bytes out = _batch_frame(batch_seq, self._types, self._types_bytes, self.count, self._buf, self._len)
         self.reset()
         return out
 

@@ -27,8 +27,9 @@ def murmur2(data):
         PyBuffer_Release(&view)
 
 
-def encode_frame(int frame_type, body):
-    """Return header + body as one ``bytes``, with the checksum filled in."""
+def encode_frame(int frame_type, body, int flags=0):
+    """Return header + body as one ``bytes``, with the checksum filled in;
+    ``flags``: the header's flags byte (``COMPRESSED_FRAME_FLAG``)."""
     cdef Py_buffer view
     cdef bytes out
     cdef unsigned char *p
@@ -41,7 +42,7 @@ def encode_frame(int frame_type, body):
         p = <unsigned char *>PyBytes_AS_STRING(out)
         eb_st32(p, <uint32_t>view.len)
         p[4] = <unsigned char>frame_type
-        p[5] = 0
+        p[5] = <unsigned char>flags
         p[6] = 0
         p[7] = 0
         memcpy(p + C_FRAME_HEADER_BYTES, view.buf, view.len)
@@ -78,6 +79,9 @@ cdef class FrameReader:
         const unsigned char *_body
         Py_ssize_t _body_len
         readonly int frame_type
+        readonly int frame_flags  # the current frame's header flags byte
+        public int allowed_flags  # flags bits EVENT_BATCH frames may carry (negotiated in the handshake)
+        object _body_owner  # a body put in place by replace_body
         public Py_ssize_t max_frame_bytes  # the gateway lowers it while a connection has not said HELLO
         readonly unsigned long long frames_read
 
@@ -125,6 +129,7 @@ cdef class FrameReader:
         self._drop_view()
         self._body = NULL
         self._body_len = 0
+        self._body_owner = None
         if self._buf_end > self._buf_start:
             PyObject_GetBuffer(data, &self._view, PyBUF_SIMPLE)
             try:
@@ -164,6 +169,7 @@ cdef class FrameReader:
         self._src_len = self._src_pos = 0
         self._body = NULL
         self._body_len = 0
+        self._body_owner = None
         return 0
 
     def next_frame(self):
@@ -192,7 +198,7 @@ cdef class FrameReader:
             )
         if ftype == 0 or ftype > MAX_FRAME_TYPE:
             raise ProtocolError(C_ERR_UNKNOWN_FRAME_TYPE, f"unknown frame type {ftype}")
-        if h[5] != 0 or h[6] != 0 or h[7] != 0:
+        if h[6] != 0 or h[7] != 0 or (h[5] and (h[5] & ~self.allowed_flags or ftype != C_FRAME_EVENT_BATCH)):
             raise ProtocolError(C_ERR_MALFORMED_FRAME, "reserved frame header bits are not zero")
         if avail < C_FRAME_HEADER_BYTES + body_len:
             self._stash()
@@ -203,8 +209,10 @@ cdef class FrameReader:
             raise ProtocolError(C_ERR_BAD_CHECKSUM, "frame checksum mismatch")
         self._body = h + C_FRAME_HEADER_BYTES
         self._body_len = body_len
+        self._body_owner = None
         self._src_pos += C_FRAME_HEADER_BYTES + body_len
         self.frame_type = ftype
+        self.frame_flags = h[5]
         self.frames_read += 1
         return ftype
 
@@ -213,6 +221,14 @@ cdef class FrameReader:
         if self._body == NULL:
             return b""
         return PyBytes_FromStringAndSize(<const char *>self._body, self._body_len)
+
+    def replace_body(self, bytearray body):
+        """Make ``body`` the current frame's body (a decompressed EVENT_BATCH),
+        for ``body()`` and ``Router.ingest`` until the next frame or feed."""
+        self._body_owner = body
+        self._body = <const unsigned char *>PyByteArray_AS_STRING(body)
+        self._body_len = len(body)
+        self.frame_flags = 0
 
     @property
     def body_length(self):

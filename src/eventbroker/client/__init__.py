@@ -1,18 +1,19 @@
 """Producer SDK: ``Producer`` (asyncio) and ``SyncProducer`` (blocking).
 
-- ``producer``: the public asyncio API (batching, windows, resends);
+- ``producer``: the public asyncio API (produce/send, reports, windows, resends);
 - ``connection``: one connection to a gateway (frames, TLS);
-- ``batches``: event ids and what is kept per event and batch until acked;
 - ``address``: the server list;
 - ``sync``: the blocking wrapper on a loop thread of its own.
 
-The SDK builds on ``protocol``, ``errors`` and the native encoder only: it
+Per-event work (ids, timestamps, batch encoding, what is kept until the
+gateway answers) is native: ``_fastpath.ProducerCore`` and ``OutBatch``.
+The SDK builds on ``protocol``, ``errors`` and the native module only: it
 imports nothing of the server side.
 """
 
-from eventbroker.client.batches import IdGenerator
-from eventbroker.client.producer import Producer
+from eventbroker.client.producer import BatchReport, FlushReport, Producer
 from eventbroker.client.sync import SyncProducer
-from eventbroker.errors import EventRejected, ProducerClosed, ServerError
+from eventbroker.errors import BufferFull, EventRejected, ProducerClosed, ServerError
 
-__all__ = ["EventRejected", "IdGenerator", "Producer", "ProducerClosed", "ServerError", "SyncProducer"]
+__all__ = ["BatchReport", "BufferFull", "EventRejected", "FlushReport", "Producer", "ProducerClosed", "ServerError",
+           "SyncProducer"]

@@ -26,6 +26,8 @@ class ConnectionOwner(Protocol):
 
     def on_goaway(self, conn: Connection) -> None: ...
 
+    def on_writable(self, conn: Connection) -> None: ...
+
     def on_server_error(self, err: ErrorFrame) -> None: ...
 
 
@@ -51,8 +53,7 @@ class Connection(asyncio.Protocol):
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.last_rx = time.monotonic()
         self.goaway = False
-        self.can_write = asyncio.Event()
-        self.can_write.set()
+        self.writable = True  # False while the transport's buffer is over its high-water mark
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -102,13 +103,13 @@ class Connection(asyncio.Protocol):
             self.welcome.set_exception(ConnectionError(f"connection closed during the handshake{hint}"))
         if not self.lost.done():
             self.lost.set_result(None)
-        self.can_write.set()
 
     def pause_writing(self) -> None:
-        self.can_write.clear()
+        self.writable = False
 
     def resume_writing(self) -> None:
-        self.can_write.set()
+        self.writable = True
+        self.p.on_writable(self)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():

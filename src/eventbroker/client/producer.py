@@ -1,19 +1,30 @@
 """asyncio producer SDK.
 
-``Producer.send()`` puts an event into the open batch and returns a future
-that resolves to the event id once the gateway acknowledged the event as
-persisted in Kafka, or fails with ``EventRejected`` carrying the reason.
-Batches are sealed by size or linger, at most ``max_inflight_batches`` are
-unacknowledged at a time, retry-later parts are sent again after the server's
-back-off hint, and everything unacknowledged is sent again after a reconnect
-(same event ids, so consumers can drop the duplicates).
+Two ways to send, one path underneath (``_fastpath.ProducerCore``): each event
+goes from the call straight into the native batch encoder.
+
+- ``produce()`` is a plain call, like confluent-kafka's: no coroutine, no
+  future and no Python object per event. Results come as counts: ``flush()``
+  returns a ``FlushReport``, ``on_report`` gets a ``BatchReport`` per
+  acknowledged batch, and ``on_delivery=`` asks for a per-event callback.
+  When ``max_buffered_events`` are unacknowledged it raises ``BufferFull``.
+- ``await send()`` returns a future per event, like aiokafka's, resolving to
+  the event id once persisted or failing with ``EventRejected``; it waits for
+  buffer space.
+
+Batches are sealed by size or linger and written at once while fewer than
+``max_inflight_batches`` are unacknowledged. Retry-later parts are sent again
+after the server's back-off hint, and everything unacknowledged is sent again
+after a reconnect (same event ids), re-encoded from the frames they went out
+in, never from per-event Python objects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import dataclasses
 import errno
-import itertools
 import logging
 import os
 import random
@@ -21,27 +32,30 @@ import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from eventbroker import _fastpath as fp
 from eventbroker.client.address import parse_servers
-from eventbroker.client.batches import Batch, IdGenerator, Pending
 from eventbroker.client.connection import Connection, client_ssl
-from eventbroker.errors import EventRejected, ProducerClosed, ServerError, UsageError
+from eventbroker.errors import (
+    BufferFull,
+    EventRejected,
+    ProducerClosed,
+    ServerError,
+    UsageError,
+)
 from eventbroker.protocol import (
+    CONNECTION_CODECS,
     DEFAULT_LISTEN,
-    EVENT_HEADER_BYTES,
     FLAG_REJECTION_DETAILS,
-    MAX_KEY_BYTES,
-    MAX_TYPE_NAME_BYTES,
-    MAX_TYPES_PER_BATCH,
     Ack,
     ErrorCode,
     ErrorFrame,
     Hello,
     Status,
     Welcome,
+    compress_batch_frame,
     encode_heartbeat,
     reason_name,
 )
@@ -50,6 +64,51 @@ log = logging.getLogger("eventbroker.client")
 
 _MAX_LOCKOUT_WAIT_S = 60.0
 _FATAL_CODES = {ErrorCode.BAD_HANDSHAKE, ErrorCode.UNSUPPORTED_VERSION, ErrorCode.AUTH_FAILED}
+_PERSISTED = int(Status.PERSISTED)
+_RETRY_LATER = int(Status.RETRY_LATER)
+MAX_REPORTED_REJECTIONS = 1000  # EventRejected kept per FlushReport (all are counted)
+
+# What on_delivery callbacks receive: the event id, and None (persisted) or the
+# exception (EventRejected, ProducerClosed, or the fatal ServerError).
+DeliveryCallback = Callable[[bytes, Exception | None], None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchReport:
+    """What one ACK answered: counts, and the rejected events themselves."""
+
+    batch_seq: int
+    persisted: int
+    rejected: tuple[EventRejected, ...]
+    retried: int  # sent again after the server's retry-later hint
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FlushReport:
+    """Events answered since the previous ``flush()``: ``persisted`` and
+    ``rejected`` by the gateway, ``failed`` without an answer (producer closed,
+    fatal server error); ``rejections`` holds the first
+    ``MAX_REPORTED_REJECTIONS`` of the rejected."""
+
+    persisted: int
+    rejected: int
+    failed: int
+    rejections: tuple[EventRejected, ...]
+
+
+def _answer(target: Any, event_id: bytes, exc: Exception | None) -> None:
+    """Resolve a future (asyncio or concurrent) or call an on_delivery callback."""
+    if isinstance(target, asyncio.Future | concurrent.futures.Future):
+        if not target.done():
+            if exc is None:
+                target.set_result(event_id)
+            else:
+                target.set_exception(exc)
+        return
+    try:
+        target(event_id, exc)
+    except Exception:
+        log.exception("on_delivery callback failed")
 
 
 def _refused(e: BaseException) -> bool:
@@ -64,7 +123,8 @@ def _refused(e: BaseException) -> bool:
 class Producer:
     """Sends events to one eventbroker (or the next of several, on failure).
 
-    Use as ``async with Producer("host:port") as p: fut = await p.send(...)``.
+    ``async with Producer("host:port") as p: p.produce("play", b"{...}")`` or
+    ``fut = await p.send(...)``; ``await p.flush()`` waits for the answers.
     """
 
     def __init__(
@@ -84,39 +144,47 @@ class Producer:
         ca_file: str | None = None,
         cert_file: str | None = None,
         key_file: str | None = None,
+        on_report: Callable[[BatchReport], None] | None = None,
+        compression: str | None = None,
     ) -> None:
         """``token``: from ``eventbroker token create``, sent in the handshake.
         ``tls``: True (or an SSLContext of your own) for a TLS listener; the
         server certificate is verified against ``ca_file`` (default: the
         system's CAs) and the host name. ``cert_file``/``key_file``: a client
-        certificate for mutual TLS."""
+        certificate for mutual TLS. ``on_report``: called with a
+        ``BatchReport`` for every acknowledgement. ``compression``: "zstd"
+        or "lz4" to send batches compressed (for a gateway in another zone or
+        data centre, where the network is billed), if the server agrees."""
+        if compression is not None and compression not in CONNECTION_CODECS:
+            raise UsageError(f"compression must be one of {', '.join(CONNECTION_CODECS)} or None")
+        self._ask_codec = CONNECTION_CODECS[compression] if compression else 0
+        self._codec = 0  # what the server agreed to
         self._servers = parse_servers(servers)
         self._server_idx = 0
         self.client_id = client_id or f"{socket.gethostname()}-{os.getpid()}"
         self._linger_s = linger_ms / 1000
         self._batch_max_bytes = batch_max_bytes
         self._max_inflight = max_inflight_batches
-        self._max_buffered = max_buffered_events
         self._connect_timeout_s = connect_timeout_s
         self._backoff = reconnect_backoff_ms
         self._hb_override = heartbeat_interval_ms
         self._token = token.encode() if token else b""
         self._ssl = client_ssl(tls, ca_file, cert_file, key_file)
-        self._ids = IdGenerator()
-        self._enc = fp.BatchEncoder()
-        self._open: list[Pending] = []
-        self._open_types: list[int] = []
+        self._on_report = on_report
+        # 16-byte event ids: these 8 random bytes, then a counter (native)
+        self._core = fp.ProducerCore(os.urandom(8), batch_max_bytes, max_buffered_events)
+        self._core.on_first = self._arm_linger
+        self._core.on_sealed = self._pump
         self._linger_handle: asyncio.TimerHandle | None = None
-        self._outbox: deque[Batch] = deque()
-        self._inflight: dict[int, Batch] = {}
-        self._retry_waiting: list[list[Pending]] = []  # answered retry-later, waiting out the hint
-        self._seq = itertools.count(1)
-        self._unresolved = 0
+        self._outbox: deque[fp.OutBatch] = deque()
+        self._inflight: dict[int, fp.OutBatch] = {}
+        # answered retry-later, waiting out the hint: (batch, indices)
+        self._retry_waiting: list[tuple[fp.OutBatch, list[int]]] = []
         self._space = asyncio.Event()
         self._space.set()
+        self._space_hook: Callable[[], None] | None = None  # SyncProducer: wakes blocked threads
         self._idle = asyncio.Event()
         self._idle.set()
-        self._wake_sender = asyncio.Event()
         self._conn: Connection | None = None
         self._welcome: Welcome | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -129,20 +197,34 @@ class Producer:
         self._connected = asyncio.Event()
         self._all_refused = asyncio.Event()  # every address refused in a row (nothing listens)
         self._refused_in_a_row = 0
-        self.stats = {"sent": 0, "persisted": 0, "rejected": 0, "retried": 0, "resent_after_reconnect": 0,
-                      "connect_failures": 0}
+        self._counts = {"persisted": 0, "rejected": 0, "failed": 0, "retried": 0, "resent_after_reconnect": 0,
+                        "connect_failures": 0}
+        self._since_flush = [0, 0, 0]  # persisted, rejected, failed
+        self._rejections: list[EventRejected] = []
 
     @property
     def tls(self) -> ssl.SSLContext | None:
         """The TLS context connections use; None: plaintext."""
         return self._ssl
 
+    @property
+    def id_prefix(self) -> bytes:
+        """The first 8 bytes of every event id this producer generates."""
+        return self._core.id_prefix
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters since start: ``sent`` (produced), ``persisted``,
+        ``rejected`` (by the gateway, or too large), ``failed`` (closed or a
+        fatal error before an answer), ``retried``, ``resent_after_reconnect``,
+        ``connect_failures``; ``buffered``: waiting for an answer now."""
+        return {"sent": self._core.produced, **self._counts, "buffered": self._core.unresolved}
+
     # lifecycle
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._connection_loop(), name="eventbroker-producer-conn"))
-        self._tasks.append(loop.create_task(self._sender_loop(), name="eventbroker-producer-send"))
 
     async def __aenter__(self) -> Producer:
         await self.start()
@@ -151,12 +233,25 @@ class Producer:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def flush(self, timeout_s: float | None = None) -> None:
-        """Wait until every event sent so far is acknowledged (or rejected)."""
-        self._seal()
-        await asyncio.wait_for(self._idle.wait(), timeout_s)
-        if self._fatal is not None and self._unresolved:
+    async def flush(self, timeout_s: float | None = None) -> FlushReport:
+        """Send what is batched and wait until every event produced so far is
+        answered; returns what was answered since the previous flush."""
+        self._core.seal()
+        async with asyncio.timeout(timeout_s):
+            while self._core.unresolved:
+                self._idle.clear()
+                await self._idle.wait()
+        if self._fatal is not None and self._since_flush[2]:
+            self._take_report()
             raise self._fatal
+        return self._take_report()
+
+    def _take_report(self) -> FlushReport:
+        persisted, rejected, failed = self._since_flush
+        report = FlushReport(persisted, rejected, failed, tuple(self._rejections))
+        self._since_flush = [0, 0, 0]
+        self._rejections = []
+        return report
 
     async def close(self, timeout_s: float | None = 60.0) -> None:
         """Flush, then close the connection. Events still unacknowledged after
@@ -164,6 +259,7 @@ class Producer:
         if self._closed:
             return
         self._closing = True
+        self._core.closed = True
         try:
             await self.flush(timeout_s)
         except (TimeoutError, ServerError):
@@ -173,11 +269,34 @@ class Producer:
             for t in self._tasks:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            if self._linger_handle is not None:
+                self._linger_handle.cancel()
             if self._conn is not None:
                 self._conn.close()
             self._fail_all(ProducerClosed("producer closed before the event was acknowledged"))
 
     # sending
+
+    def produce(
+        self,
+        event_type: str,
+        payload: bytes,
+        *,
+        key: bytes | None = None,
+        timestamp_ms: int | None = None,
+        event_id: bytes | None = None,
+        schema_version: int | None = None,
+        on_delivery: DeliveryCallback | None = None,
+    ) -> None:
+        """Add one event to the open batch, at once and without an object per
+        event. ``on_delivery(event_id, error_or_None)`` is called once the
+        event is answered, if given. ``schema_version``: the version of the
+        type's schema the payload is written against (default: the gateway
+        validates against the latest). Raises ``BufferFull`` while
+        ``max_buffered_events`` events are unanswered, ``EventRejected``
+        (``too_large``) for an event over the server's limit,
+        ``ProducerClosed`` once closing; nothing is added then."""
+        self._core.produce(event_type, payload, key, timestamp_ms, event_id, schema_version, on_delivery)
 
     async def send(
         self,
@@ -189,43 +308,30 @@ class Producer:
         event_id: bytes | None = None,
         schema_version: int | None = None,
     ) -> asyncio.Future[bytes]:
-        """Queue one event; the returned future resolves to its event id once persisted.
+        """Queue one event; the returned future resolves to its event id once
+        persisted, or fails with ``EventRejected``. Waits while
+        ``max_buffered_events`` events are unanswered."""
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        while True:
+            try:
+                self._core.produce(event_type, payload, key, timestamp_ms, event_id, schema_version, fut)
+                return fut
+            except BufferFull:
+                await self.wait_for_space()
+            except EventRejected as e:  # too large for the server: answered without sending
+                self._counts["rejected"] += 1
+                fut.set_exception(e)
+                return fut
 
-        ``schema_version``: the version of the type's schema the payload is
-        written against (default: the gateway validates against the latest).
-        Waits while ``max_buffered_events`` events are unacknowledged.
-        """
-        if self._closing or self._closed:
-            raise ProducerClosed("producer is closed")
-        if self._fatal is not None:
-            raise self._fatal
-        while self._unresolved >= self._max_buffered:
+    async def send_and_wait(self, event_type: str, payload: bytes, **kw: Any) -> bytes:
+        return await (await self.send(event_type, payload, **kw))
+
+    async def wait_for_space(self) -> None:
+        """Wait until fewer than ``max_buffered_events`` events are unanswered."""
+        core = self._core
+        while core.unresolved >= core.max_buffered and not self._closed:
             self._space.clear()
             await self._space.wait()
-        if schema_version is not None:
-            if isinstance(schema_version, bool) or not isinstance(schema_version, int) or schema_version < 1:
-                raise UsageError("schema_version must be a positive integer")
-            event_type = f"{event_type}@{schema_version}"
-        type_b = event_type.encode("utf-8")
-        if not 0 < len(type_b) <= MAX_TYPE_NAME_BYTES:
-            raise UsageError("event type name must be 1..255 bytes of UTF-8")
-        if key is not None and len(key) > MAX_KEY_BYTES:
-            raise UsageError(f"key longer than {MAX_KEY_BYTES} bytes")
-        if event_id is not None and (len(event_id) != 16 or not any(event_id)):
-            raise UsageError("event_id must be 16 bytes, not all zero")
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        eid = event_id if event_id is not None else self._ids()
-        ts = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
-        ev = Pending(type_b, eid, ts, key, payload, fut)
-        self._unresolved += 1
-        self._idle.clear()
-        self.stats["sent"] += 1
-        max_event = self._welcome.max_event_bytes if self._welcome else 512 * 1024
-        if len(payload) + (len(key) if key else 0) > max_event:
-            self._resolve(ev, EventRejected("too_large", eid, event_type))
-            return fut
-        self._append(ev)
-        return fut
 
     async def wait_connected(self, timeout_s: float | None, *, until_refused: bool = False) -> None:
         """Wait until a connection is up; ``ConnectionError`` with the last reason
@@ -244,64 +350,39 @@ class Producer:
         if self._fatal is not None:
             raise self._fatal
 
-    async def send_and_wait(self, event_type: str, payload: bytes, **kw: Any) -> bytes:
-        return await (await self.send(event_type, payload, **kw))
+    def _arm_linger(self) -> None:
+        if self._linger_handle is None and not self._closed:
+            self._linger_handle = asyncio.get_running_loop().call_later(self._linger_s, self._linger_fire)
 
-    def _append(self, ev: Pending) -> None:
-        size = EVENT_HEADER_BYTES + len(ev.payload) + (len(ev.key) if ev.key else 0)
-        limit = self._frame_limit()
-        enc = self._enc
-        if self._open and (
-            enc.frame_bytes + size + 256 > limit
-            or enc.count >= self._max_events()
-            or enc.type_count >= MAX_TYPES_PER_BATCH
-        ):
-            self._seal()
-        ti = self._enc.add(ev.type, ev.event_id, ev.timestamp_ms, ev.key, ev.payload)
-        self._open.append(ev)
-        self._open_types.append(ti)
-        if self._enc.frame_bytes >= self._batch_max_bytes:
-            self._seal()
-        elif self._linger_handle is None:
-            self._linger_handle = asyncio.get_running_loop().call_later(self._linger_s, self._seal)
+    def _linger_fire(self) -> None:
+        self._linger_handle = None
+        self._core.seal()
 
-    def _frame_limit(self) -> int:
-        mf = self._welcome.max_frame_bytes if self._welcome else 1024 * 1024
-        return min(mf, max(self._batch_max_bytes * 2, 64 * 1024))
+    def _set_limits(self, welcome: Welcome) -> None:
+        core = self._core
+        core.max_event_bytes = welcome.max_event_bytes
+        core.max_events = welcome.max_events_per_batch
+        core.frame_limit = min(welcome.max_frame_bytes, max(self._batch_max_bytes * 2, 64 * 1024))
 
-    def _max_events(self) -> int:
-        return self._welcome.max_events_per_batch if self._welcome else 65536
-
-    def _seal(self) -> None:
-        if self._linger_handle is not None:
-            self._linger_handle.cancel()
-            self._linger_handle = None
-        if not self._open:
+    def _pump(self) -> None:
+        """Take the sealed batches and write what the window allows."""
+        sealed = self._core.take_sealed()
+        if sealed:
+            self._outbox.extend(sealed)
+            if self._linger_handle is not None and not self._core.count:
+                self._linger_handle.cancel()
+                self._linger_handle = None
+        conn = self._conn
+        if conn is None or conn.goaway or self._welcome is None:
             return
-        seq = next(self._seq)
-        batch = Batch(seq, self._enc.finish(seq), self._open, self._open_types)
-        self._open = []
-        self._open_types = []
-        self._outbox.append(batch)
-        self._wake_sender.set()
-
-    async def _sender_loop(self) -> None:
-        while True:
-            await self._wake_sender.wait()
-            self._wake_sender.clear()
-            while self._outbox:
-                conn = self._conn
-                if conn is None or conn.goaway or self._welcome is None:
-                    break
-                if len(self._inflight) >= self._max_inflight:
-                    break
-                await conn.can_write.wait()
-                if conn is not self._conn or conn.goaway:
-                    break
-                batch = self._outbox.popleft()
-                batch.sent_at = time.monotonic()
-                self._inflight[batch.seq] = batch
-                conn.write(batch.frame)
+        outbox = self._outbox
+        inflight = self._inflight
+        codec = self._codec
+        while outbox and len(inflight) < self._max_inflight and conn.writable:
+            batch = outbox.popleft()
+            batch.sent_at = time.monotonic()
+            inflight[batch.seq] = batch
+            conn.write(compress_batch_frame(batch.frame, codec) if codec else batch.frame)
 
     # acks
 
@@ -309,73 +390,105 @@ class Producer:
         batch = self._inflight.get(ack.batch_seq)
         if batch is None:
             return  # a batch answered before a reconnect; already resent
-        # Entries that list their events come first; the others cover the rest.
-        retry: list[Pending] = []
+        futs = batch.futures
+        persisted = 0
+        rejected: list[EventRejected] = []
+        retry: list[int] = []
         retry_after = 0
-        for e in sorted(ack.entries, key=lambda e: not e.indices):
-            idxs = e.indices if e.indices else batch.by_type.get(e.type_index, ())
-            for i in idxs:
-                if i >= len(batch.events) or batch.answered[i]:
-                    continue
-                batch.answered[i] = 1
-                batch.left -= 1
-                ev = batch.events[i]
-                if e.status == Status.PERSISTED:
-                    self._resolve(ev, None)
-                elif e.status == Status.RETRY_LATER:
-                    retry.append(ev)
-                    retry_after = max(retry_after, e.retry_after_ms)
-                else:
-                    self._resolve(ev, EventRejected(reason_name(e.reason), ev.event_id,
-                                                    ev.type.decode().partition("@")[0], ack.details.get(i, "")))
+        entries = ack.entries
+        if len(entries) > 1:  # entries that list their events first; the others cover the rest
+            entries = tuple(sorted(entries, key=lambda e: not e.indices))
+        for e in entries:
+            if e.status == _PERSISTED and futs is None:
+                persisted += batch.take(e.type_index, e.indices, False)
+                continue
+            idxs = batch.take(e.type_index, e.indices, True)
+            if not idxs:
+                continue
+            if e.status == _PERSISTED:
+                persisted += len(idxs)
+                if futs is not None:
+                    for i in idxs:
+                        if futs[i] is not None:
+                            _answer(futs[i], batch.event_id(i), None)
+            elif e.status == _RETRY_LATER:
+                retry += idxs
+                retry_after = max(retry_after, e.retry_after_ms)
+            else:
+                reason = reason_name(e.reason)
+                for i in idxs:
+                    exc = EventRejected(reason, batch.event_id(i), batch.event_type(i).decode().partition("@")[0],
+                                        ack.details.get(i, ""))
+                    rejected.append(exc)
+                    if futs is not None and futs[i] is not None:
+                        _answer(futs[i], exc.event_id, exc)
+        if persisted or rejected:
+            self._counts["persisted"] += persisted
+            self._counts["rejected"] += len(rejected)
+            self._since_flush[0] += persisted
+            self._since_flush[1] += len(rejected)
+            if rejected and len(self._rejections) < MAX_REPORTED_REJECTIONS:
+                self._rejections += rejected[:MAX_REPORTED_REJECTIONS - len(self._rejections)]
+            self._resolved(persisted + len(rejected))
         if retry:
-            self.stats["retried"] += len(retry)
+            self._counts["retried"] += len(retry)
             delay = retry_after / 1000 * (1 + random.random() / 4)  # never before the hint
-            self._retry_waiting.append(retry)
-            asyncio.get_running_loop().call_later(delay, self._requeue, retry)
+            waiting = (batch, retry)
+            self._retry_waiting.append(waiting)
+            asyncio.get_running_loop().call_later(delay, self._requeue, waiting)
+        if self._on_report is not None:
+            try:
+                self._on_report(BatchReport(batch.seq, persisted, tuple(rejected), len(retry)))
+            except Exception:
+                log.exception("on_report callback failed")
         if batch.left == 0:
             del self._inflight[batch.seq]
-            self._wake_sender.set()
             conn = self._conn
             if conn is not None and conn.goaway and not self._inflight:
                 conn.close()
+            self._pump()
 
-    def _requeue(self, events: list[Pending]) -> None:
+    def _resolved(self, n: int) -> None:
+        core = self._core
+        core.resolved(n)
+        if core.unresolved < core.max_buffered:
+            self._space.set()
+            if self._space_hook is not None:
+                self._space_hook()
+        if core.unresolved == 0:
+            self._idle.set()
+
+    def _requeue(self, waiting: tuple[fp.OutBatch, list[int]]) -> None:
         if self._closed:
             return  # close() fails them (they stay in _retry_waiting for it)
         try:
-            self._retry_waiting.remove(events)
+            self._retry_waiting.remove(waiting)
         except ValueError:
             return  # already failed by close()
-        for ev in events:
-            self._append(ev)
-        self._seal()
+        self._core.readd(*waiting)
+        self._core.seal()
 
-    def _resolve(self, ev: Pending, exc: BaseException | None) -> None:
-        fut = ev.future
-        if not fut.done():
-            if exc is None:
-                fut.set_result(ev.event_id)
-                self.stats["persisted"] += 1
-            else:
-                fut.set_exception(exc)
-                self.stats["rejected"] += 1
-        self._unresolved -= 1
-        if self._unresolved < self._max_buffered:
-            self._space.set()
-        if self._unresolved == 0:
-            self._idle.set()
-
-    def _fail_all(self, exc: BaseException) -> None:
-        pending = [ev for b in self._inflight.values() for i, ev in enumerate(b.events) if not b.answered[i]]
-        pending += [ev for b in self._outbox for ev in b.events] + self._open
-        pending += [ev for waiting in self._retry_waiting for ev in waiting]
-        self._retry_waiting.clear()
+    def _fail_all(self, exc: Exception) -> None:
+        """Answer every unanswered event with ``exc``."""
+        pending: list[tuple[fp.OutBatch, list[int] | range]] = [(b, b.unanswered()) for b in self._inflight.values()]
+        pending += [(b, range(b.count)) for b in self._outbox]
+        pending += [(b, range(b.count)) for b in self._core.take_sealed(True)]
+        pending += self._retry_waiting
+        self._retry_waiting = []
         self._inflight.clear()
         self._outbox.clear()
-        self._open = []
-        for ev in pending:
-            self._resolve(ev, exc)
+        n = 0
+        for b, idxs in pending:
+            futs = b.futures
+            n += len(idxs)
+            if futs is not None:
+                for i in idxs:
+                    if futs[i] is not None:
+                        _answer(futs[i], b.event_id(i), exc)
+        if n:
+            self._counts["failed"] += n
+            self._since_flush[2] += n
+            self._resolved(n)
 
     # connection management
 
@@ -383,10 +496,19 @@ class Producer:
         if not self._inflight:
             conn.close()
 
+    def on_writable(self, conn: Connection) -> None:
+        if conn is self._conn:
+            self._pump()
+
     def on_server_error(self, err: ErrorFrame) -> None:
         log.warning("server closed the connection: error %s: %s", err.code, err.message)
         if err.code in _FATAL_CODES:
-            self._fatal = ServerError(err.code, err.message)
+            self._set_fatal(ServerError(err.code, err.message))
+
+    def _set_fatal(self, e: ServerError) -> None:
+        self._fatal = e
+        self._core.closed_error = e
+        self._core.closed = True
 
     async def _connect_once(self) -> Connection:
         host, port = self._servers[self._server_idx % len(self._servers)]
@@ -397,29 +519,37 @@ class Producer:
         _, conn = await asyncio.wait_for(
             loop.create_connection(lambda: Connection(self), host, port, **extra), self._connect_timeout_s
         )
-        conn.write(Hello(self.client_id, auth=self._token, flags=FLAG_REJECTION_DETAILS).encode())
+        conn.write(Hello(self.client_id, auth=self._token, flags=FLAG_REJECTION_DETAILS | self._ask_codec).encode())
         try:
             welcome = await asyncio.wait_for(asyncio.shield(conn.welcome), self._connect_timeout_s)
         except BaseException:
             conn.close()
             raise
         self._welcome = welcome
+        self._codec = welcome.flags & self._ask_codec
+        if self._ask_codec and not self._codec:
+            log.info("the server does not take compressed batches; sending them uncompressed")
+        self._set_limits(welcome)
         return conn
 
     def _resend_unacked(self) -> None:
         """After a (re)connect: re-encode every unanswered event, in-flight ones
-        first, so batches respect the limits this server announced."""
-        unacked = [ev for b in sorted(self._inflight.values(), key=lambda b: b.seq)
-                   for i, ev in enumerate(b.events) if not b.answered[i]]
-        queued = [ev for b in self._outbox for ev in b.events]
-        if not unacked and not queued:
+        first, then the queued and the open batch, so batches respect the
+        limits this server announced. Events are copied out of the frames
+        they were sent in."""
+        inflight = sorted(self._inflight.values(), key=lambda b: b.seq)
+        queued = list(self._outbox) + self._core.take_sealed(True)
+        if not inflight and not queued:
             return
         self._inflight.clear()
         self._outbox.clear()
-        self.stats["resent_after_reconnect"] += len(unacked)
-        for ev in unacked + queued:
-            self._append(ev)
-        self._seal()
+        for b in inflight:
+            idxs = b.unanswered()
+            self._counts["resent_after_reconnect"] += len(idxs)
+            self._core.readd(b, idxs)
+        for b in queued:
+            self._core.readd(b, range(b.count))
+        self._core.seal()
 
     async def _connection_loop(self) -> None:
         delay = self._backoff[0] / 1000
@@ -429,7 +559,7 @@ class Producer:
                 conn = await self._connect_once()
             except ServerError as e:
                 if e.code in _FATAL_CODES:
-                    self._fatal = e
+                    self._set_fatal(e)
                     self._fail_all(e)
                     return
                 if e.retry_after_ms:  # locked out for a while (not our credentials): wait, then try again
@@ -449,7 +579,7 @@ class Producer:
                 conn = None
             if conn is None:
                 self._conn_failures += 1
-                self.stats["connect_failures"] += 1
+                self._counts["connect_failures"] += 1
                 self._server_idx += 1
                 await asyncio.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self._backoff[1] / 1000)
@@ -466,7 +596,7 @@ class Producer:
             self._conn = conn
             self._connected.set()
             self._resend_unacked()
-            self._wake_sender.set()
+            self._pump()
             hb = asyncio.get_running_loop().create_task(self._heartbeats(conn))
             try:
                 await conn.lost

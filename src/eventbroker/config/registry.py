@@ -10,7 +10,16 @@ import re
 
 from msgspec import Struct
 
-from eventbroker.config.schema import AckMode, Compatibility, Config, OnInvalid, Partitioning, Priority
+from eventbroker.config.schema import (
+    COMPRESSION_LEVELS,
+    AckMode,
+    Compatibility,
+    Compression,
+    Config,
+    OnInvalid,
+    Partitioning,
+    Priority,
+)
 
 
 class EventType(Struct, frozen=True, kw_only=True):
@@ -28,11 +37,34 @@ class EventType(Struct, frozen=True, kw_only=True):
     compatibility: Compatibility = "backward"
     on_invalid: OnInvalid = "reject"
     dead_letter_topic: str = ""
+    compression: Compression = "none"
+    compression_level: int = 0  # resolved: the codec's default when none was given; 0 for none and snappy
 
     @property
     def dead_letter(self) -> bool:
         """Whether schema failures go to ``dead_letter_topic``."""
         return self.schema is not None and self.on_invalid == "dead_letter"
+
+
+def _compression(name: str, codec: Compression | None, level: int | None, default_codec: Compression,
+                 default_level: int | None) -> dict:
+    """A type's codec and level, with [defaults] applied and the level checked."""
+    key = f"types.{name}.compression_level"
+    if codec is None or codec == default_codec:
+        if level is None:
+            level = default_level
+            key = "defaults.compression_level"
+        codec = default_codec
+    if codec not in COMPRESSION_LEVELS:
+        if level is not None:
+            raise ValueError(f"key '{key}': {codec} takes no level")
+        return {"compression": codec, "compression_level": 0}
+    lo, hi, default = COMPRESSION_LEVELS[codec]
+    if level is None:
+        level = default
+    elif not lo <= level <= hi:
+        raise ValueError(f"key '{key}': {level} is outside {lo}..{hi} for {codec}")
+    return {"compression": codec, "compression_level": level}
 
 
 _TOPIC_RE = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
@@ -61,6 +93,7 @@ def resolve_types(cfg: Config) -> dict[str, EventType]:
             compatibility=t.compatibility or d.compatibility,
             on_invalid=t.on_invalid or d.on_invalid,
             dead_letter_topic=dead_letter_topic,
+            **_compression(name, t.compression, t.compression_level, d.compression, d.compression_level),
         )
         if et.dead_letter and dead_letter_topic == topic:
             raise ValueError(f"key 'types.{name}.dead_letter_topic': must differ from the type's topic")

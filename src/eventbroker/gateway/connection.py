@@ -20,7 +20,10 @@ from eventbroker.config import ServerConfig
 from eventbroker.errors import AuthFailed, ProtocolError
 from eventbroker.gateway.router import Router
 from eventbroker.protocol import (
+    FLAG_COMPRESS_LZ4,
+    FLAG_COMPRESS_ZSTD,
     FLAG_REJECTION_DETAILS,
+    FRAME_FLAG_COMPRESSED,
     MAX_HELLO_BYTES,
     AckEntry,
     ErrorCode,
@@ -33,6 +36,7 @@ from eventbroker.protocol import (
     Status,
     Welcome,
     decode_heartbeat,
+    decompress_batch_body,
     encode_ack_body,
     encode_frame,
     encode_heartbeat,
@@ -134,6 +138,7 @@ class Connection(asyncio.Protocol):
         self.identity: Identity | None = None
         self.allowed: frozenset[bytes] | None = None  # type names it may send; None: all
         self.details = False  # the producer reads rejection details (HELLO flag)
+        self._codec = 0  # FLAG_COMPRESS_*: the producer may send compressed batches
         self.last_rx = 0.0
         self._timer: asyncio.TimerHandle | None = None
         self._inflight_bytes = 0  # bytes of batches with parts not yet answered
@@ -182,6 +187,9 @@ class Connection(asyncio.Protocol):
                     return
                 self.last_rx = self._server.now()  # whole frames only: trickled bytes do not count
                 if ftype == FrameType.EVENT_BATCH and self._state == _OPEN:
+                    if reader.frame_flags:  # FRAME_FLAG_COMPRESSED (the reader allows no other bit)
+                        reader.replace_body(decompress_batch_body(reader.body(), self._codec,
+                                                                  self._server.cfg.max_frame_bytes))
                     self._on_batch()
                 elif self._state == _HANDSHAKE:
                     self._on_handshake(ftype)
@@ -293,9 +301,13 @@ class Connection(asyncio.Protocol):
         self._release_handshake_bytes()
         self._reader.max_frame_bytes = cfg.max_frame_bytes
         self.details = bool(hello.flags & FLAG_REJECTION_DETAILS)
+        # A producer asks for one codec; should it set both bits, zstd wins.
+        self._codec = next((f for f in (FLAG_COMPRESS_ZSTD, FLAG_COMPRESS_LZ4) if hello.flags & f), 0)
+        if self._codec:
+            self._reader.allowed_flags = FRAME_FLAG_COMPRESSED
         self._write(
             Welcome(
-                flags=FLAG_REJECTION_DETAILS if self.details else 0,
+                flags=(FLAG_REJECTION_DETAILS if self.details else 0) | self._codec,
                 max_frame_bytes=cfg.max_frame_bytes,
                 max_event_bytes=cfg.max_event_bytes,
                 max_events_per_batch=cfg.max_events_per_batch,

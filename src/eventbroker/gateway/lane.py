@@ -90,6 +90,8 @@ class LaneSnapshot(NamedTuple):
     ring_capacity_bytes: int
     state: LaneState
     spool: SpoolSnapshot | None = None
+    batch_bytes: int = 0  # Kafka record batches built, uncompressed
+    compressed_bytes: int = 0  # the same as sent (after the type's compression)
 
 
 class Lane:
@@ -159,7 +161,8 @@ class Lane:
     def snapshot(self) -> LaneSnapshot:
         ring, stats = self.ring, self.stats
         return LaneSnapshot(ring.events_in, ring.bytes_in, stats.events_persisted, stats.events_shed,
-                            stats.send_failures, ring.used_bytes, ring.capacity_bytes, self.state)
+                            stats.send_failures, ring.used_bytes, ring.capacity_bytes, self.state,
+                            batch_bytes=stats.batch_bytes, compressed_bytes=stats.compressed_bytes)
 
     def set_histograms(self, produce_seconds, ack_seconds) -> None:
         self.writer.produce_seconds = produce_seconds

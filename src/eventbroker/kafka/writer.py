@@ -19,6 +19,7 @@ from typing import Any
 
 from eventbroker import _fastpath as fp
 from eventbroker.config import PRIORITY_ORDER, EventType, KafkaConfig
+from eventbroker.kafka.compression import BatchCompressor, compressor_for
 from eventbroker.kafka.errors import ProduceFailed
 from eventbroker.kafka.sink import KafkaBatch, Sink, UnitTaken
 from eventbroker.kafka.slots import PrioritySlots
@@ -32,11 +33,13 @@ _LOG_SAME_EVERY_S = 10.0
 class WriterStats:
     """Counters a writer keeps for its owner (the owner's stats extend it)."""
 
-    __slots__ = ("send_failures", "last_error")
+    __slots__ = ("send_failures", "last_error", "batch_bytes", "compressed_bytes")
 
     def __init__(self) -> None:
         self.send_failures = 0
         self.last_error = ""
+        self.batch_bytes = 0  # record batches built, uncompressed
+        self.compressed_bytes = 0  # the same batches as sent (compressed, or not when compression = "none")
 
 
 class TopicWriter:
@@ -62,6 +65,8 @@ class TopicWriter:
         self._recheck = spool_forwarder
         self._count_metadata = not spool_forwarder
         self._last_log = 0.0
+        self._codec: tuple[str, int] = ("none", 0)
+        self._compressor: BatchCompressor | None = None
 
     @property
     def topic(self) -> str:
@@ -102,10 +107,26 @@ class TopicWriter:
         self.metadata_failing_since = 0.0
 
     def take_unit(self, ring: fp.TypeRing, max_bytes: int) -> UnitTaken | None:
-        """The ring's next run of entries, in the form the sink sends; unkeyed
-        events of each unit go to the next partition in turn."""
+        """The ring's next run of entries, in the form the sink sends, each
+        record batch compressed with the type's codec; unkeyed events of each
+        unit go to the next partition in turn."""
         self._sticky = (self._sticky + 1) % self.partitions
-        return self.sink.take_unit(ring, max_bytes, self.partitions, self._sticky)
+        unit = self.sink.take_unit(ring, max_bytes, self.partitions, self._sticky)
+        if unit is None or not unit[0]:
+            return unit
+        batches = unit[0]
+        raw = sum(len(b[1]) for b in batches)
+        self.stats.batch_bytes += raw
+        et = self.etype
+        if self._codec != (et.compression, et.compression_level):  # a reload may change it
+            self._codec = (et.compression, et.compression_level)
+            self._compressor = compressor_for(et.compression, et.compression_level)
+        if self._compressor is None:
+            self.stats.compressed_bytes += raw
+            return unit
+        packed, size = self._compressor.compress(batches)
+        self.stats.compressed_bytes += size
+        return packed, unit[1], unit[2], unit[3], unit[4]
 
     # sending
 

@@ -73,6 +73,10 @@ class _DaemonCollector(Collector):
                                     "Events answered retry-later on arrival, by reason", labels=["type", "reason"])
         send_failures = CounterMetricFamily("eventbroker_kafka_send_failures", "Failed produce attempts",
                                             labels=["type"])
+        kafka_bytes = CounterMetricFamily(
+            "eventbroker_kafka_batch_bytes",
+            "Bytes of Kafka record batches built: form=records before compression, form=sent as sent",
+            labels=["type", "form"])
         ring_used = GaugeMetricFamily("eventbroker_ring_used_bytes", "Bytes held in the type's buffer",
                                       labels=["type"])
         ring_cap = GaugeMetricFamily("eventbroker_ring_capacity_bytes", "Capacity of the type's buffer",
@@ -95,6 +99,8 @@ class _DaemonCollector(Collector):
                 persisted.add_metric([name], snap.events_persisted)
                 handed_back.add_metric([name], snap.events_handed_back)
                 send_failures.add_metric([name], snap.send_failures)
+                kafka_bytes.add_metric([name, "records"], snap.batch_bytes)
+                kafka_bytes.add_metric([name, "sent"], snap.compressed_bytes)
                 ring_used.add_metric([name], snap.ring_used_bytes)
                 ring_cap.add_metric([name], snap.ring_capacity_bytes)
                 for st in LaneState:
@@ -105,7 +111,7 @@ class _DaemonCollector(Collector):
                     spool_fwd.add_metric([name], sp.events_forwarded)
                     spool_fail.add_metric([name], sp.write_failures)
                     spool_torn.add_metric([name], sp.damaged_bytes_skipped)
-            yield from (received, received_bytes, persisted, handed_back, send_failures, ring_used, ring_cap,
+            yield from (received, received_bytes, persisted, handed_back, send_failures, kafka_bytes, ring_used, ring_cap,
                         state, spool_backlog, spool_fwd, spool_fail, spool_torn)
             budget = GaugeMetricFamily("eventbroker_memory_budget_used_bytes", "Bytes held by all buffers")
             budget.add_metric([], router.budget_used_bytes)

@@ -66,6 +66,8 @@ class SpoolLane(Lane):
         base = super().snapshot()
         return base._replace(
             send_failures=base.send_failures + fwd.stats.send_failures,
+            batch_bytes=base.batch_bytes + fwd.stats.batch_bytes,
+            compressed_bytes=base.compressed_bytes + fwd.stats.compressed_bytes,
             spool=SpoolSnapshot(fwd.backlog_bytes, fwd.stats.events_forwarded, ss.write_failures,
                                 ss.torn_bytes_truncated + ss.corrupt_bytes_skipped + fwd.stats.corrupt_bytes_skipped))
 
