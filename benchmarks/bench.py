@@ -157,7 +157,7 @@ class Bench:
 
     @contextlib.contextmanager
     def daemon(self, sink: str, topics: dict[str, str], create_topics: bool = True,
-               ack: str = "kafka", schema: bool = False, compression: str = "none",
+               ack: str = "kafka", schema: bool = False, compression: str | None = None,
                admin_port: int | None = None) -> Iterator[tuple[str, Proc]]:
         if self.args.server:  # a running daemon: its config decides sink and topics
             yield self.args.server, Proc(self.args.server_pid) if self.args.server_pid else _NoProc()
@@ -167,6 +167,7 @@ class Bench:
         port = free_port()
         conf = self.tmp / f"daemon-{port}.toml"
         admin = f"127.0.0.1:{admin_port}" if admin_port else ""
+        compression = compression or self.args.compression
         lines = [f'[server]\nadmin_listen = "{admin}"\n', f'[kafka]\nsink = "{sink}"\nbootstrap_servers = "{self.bootstrap}"\n',
                  f'create_topics = {str(create_topics).lower()}\ntopic_partitions = 4\n']
         if self.args.linger_ms is not None:
@@ -676,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-pid", type=int, help="pid of the --server daemon, for its CPU figures")
     ap.add_argument("--types", default=DEFAULT_TYPES, help="event types, comma separated (sent round-robin)")
     ap.add_argument("--linger-ms", type=int, help="the daemon's [kafka] linger_ms (default: its default)")
+    ap.add_argument("--compression", default="none",
+                    help="every type's Kafka compression in the scenarios other than compression (default none, "
+                         "as the direct producers send)")
     ap.add_argument("--output", help="write the full results JSON here (default benchmarks/results/)")
     args = ap.parse_args(argv)
     args.scenarios = set(args.scenarios.split(","))

@@ -4,12 +4,19 @@ integration reads them back from a broker with librdkafka and aiokafka)."""
 
 from __future__ import annotations
 
+import time
+
+import msgspec
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
 
+from conftest import make_config
 from eventbroker import _fastpath as fp
 from eventbroker.config import Config, EventTypeConfig, TypeDefaults, resolve_types
+from eventbroker.gateway.router import Router
 from eventbroker.kafka.compression import CODEC_IDS, BatchCompressor
+from eventbroker.kafka.sink import BuildsRecordBatches
+from test_lanes import _ingest, _Target, _until
 
 
 def _batch(n: int) -> bytes:
@@ -62,3 +69,38 @@ def test_compression_defaults_and_levels():
         _types({"compression_level": 30})
     with pytest.raises(ValueError, match=r"types\.play\.compression_level.*snappy takes no level"):
         _types(compression="snappy", compression_level=3)
+
+
+class _RecordingSink(BuildsRecordBatches):
+    def __init__(self) -> None:
+        self.batches: list[bytes] = []
+
+    async def partitions(self, topic: str) -> int:
+        return 1
+
+    async def send(self, topic, batches):
+        self.batches += [b for _, b, _ in batches]
+        batches.clear()
+
+
+async def test_a_lane_compresses_each_unit_and_a_reload_changes_the_codec():
+    cfg = make_config("unused:1", {"play": {"compression": "zstd"}}, kafka={"linger_ms": 0})
+    types = resolve_types(cfg)
+    sink = _RecordingSink()
+    router = Router(types, sink, cfg.kafka, cfg.server)
+    target = _Target()
+    _ingest(router, target, 1, [b"play"], 500)
+    router.start()
+    try:
+        await _until(lambda: len(target.answers) == 1)
+        lane = router.lanes["play"]
+        lane.update(msgspec.structs.replace(types["play"], compression="lz4", compression_level=1), cfg.kafka,
+                    router.budget_limit_bytes, cfg.spool)
+        _ingest(router, target, 2, [b"play"], 500)
+        await _until(lambda: len(target.answers) == 2)
+        snap = lane.snapshot()
+    finally:
+        await router.stop(time.monotonic())
+    assert [DefaultRecordBatch(b).compression_type for b in sink.batches] == [CODEC_IDS["zstd"], CODEC_IDS["lz4"]]
+    assert sum(len(_records(b)) for b in sink.batches) == 1000
+    assert snap.compressed_bytes == sum(len(b) for b in sink.batches) < snap.batch_bytes / 4
