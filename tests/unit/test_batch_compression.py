@@ -9,6 +9,7 @@ import time
 import msgspec
 import pytest
 from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBatchBuilder
+from test_lanes import _ingest, _Target, _until
 
 from conftest import make_config
 from eventbroker import _fastpath as fp
@@ -16,7 +17,6 @@ from eventbroker.config import Config, EventTypeConfig, TypeDefaults, resolve_ty
 from eventbroker.gateway.router import Router
 from eventbroker.kafka.compression import CODEC_IDS, BatchCompressor
 from eventbroker.kafka.sink import BuildsRecordBatches
-from test_lanes import _ingest, _Target, _until
 
 
 def _batch(n: int) -> bytes:
