@@ -153,12 +153,17 @@ _COMPRESSED_HEAD = struct.Struct(">I")
 
 
 def compress_batch_frame(frame: bytes, codec_flag: int) -> bytes:
-    """An EVENT_BATCH frame as sent on a connection that negotiated ``codec_flag``."""
+    """An EVENT_BATCH frame as sent on a connection that negotiated
+    ``codec_flag``: compressed, or ``frame`` itself when compressing would not
+    make it smaller (incompressible payloads; so it never outgrows the
+    server's max_frame_bytes)."""
     body = memoryview(frame)[FRAME_HEADER_BYTES:]
     if codec_flag == FLAG_COMPRESS_ZSTD:
         packed = cramjam.zstd.compress(body, level=1)
     else:
         packed = cramjam.lz4.compress_block(bytes(body), store_size=False)
+    if len(packed) + _COMPRESSED_HEAD.size >= len(body):
+        return frame
     return fp.encode_frame(FrameType.EVENT_BATCH, _COMPRESSED_HEAD.pack(len(body)) + bytes(packed),
                            FRAME_FLAG_COMPRESSED)
 

@@ -160,3 +160,51 @@ def test_take_sealed_can_seal_the_open_batch_without_callbacks():
     c.produce("play", b"x")
     [b] = c.take_sealed(True)
     assert b.count == 1 and c.count == 0 and c.take_sealed() == []
+
+
+def test_threads_switching_inside_a_change_do_not_corrupt_batches():
+    """An allocation can run the garbage collector and, through it, another
+    thread's Python code in the middle of a change; the core's lock keeps
+    each change whole. Here every collection yields the GIL while one thread
+    produces and another seals, as a SyncProducer's caller and loop do."""
+    import gc
+    import threading
+
+    c = core(batch_max_bytes=4096, max_buffered=10**9)
+    stop = threading.Event()
+
+    def switch(phase, info):
+        time.sleep(0)  # let the other thread run, mid-change if it can
+
+    def producer():
+        i = 0
+        while not stop.is_set():
+            c.produce(f"t{i % 5}", b"%d" % i, None, None, None, None, object() if i % 7 == 0 else None)
+            i += 1
+
+    old = gc.get_threshold()
+    gc.callbacks.append(switch)
+    gc.set_threshold(5)
+    try:
+        t = threading.Thread(target=producer)
+        t.start()
+        sealed = []
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            c.seal()
+            sealed += c.take_sealed()
+        stop.set()
+        t.join()
+    finally:
+        gc.callbacks.remove(switch)
+        gc.set_threshold(*old)
+    sealed += c.take_sealed(True)
+    assert len(sealed) > 100
+    assert [b.seq for b in sealed] == list(range(1, len(sealed) + 1))
+    total = 0
+    for b in sealed:
+        evs = events(b)
+        assert len(evs) == b.count > 0
+        assert b.futures is None or len(b.futures) == b.count
+        total += b.count
+    assert total == c.produced == c.unresolved

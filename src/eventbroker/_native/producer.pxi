@@ -13,6 +13,8 @@ sent in (``ProducerCore.readd``): the frame is the only copy of an event.
 
 from cpython.bytes cimport PyBytes_Check, PyBytes_GET_SIZE
 from cpython.dict cimport PyDict_GetItem
+from cpython.pythread cimport (PyThread_acquire_lock, PyThread_allocate_lock, PyThread_free_lock,
+                               PyThread_release_lock, PyThread_type_lock)
 
 from eventbroker.errors import BufferFull, EventRejected, ProducerClosed, UsageError
 
@@ -64,9 +66,13 @@ cdef class OutBatch:
         cdef uint16_t ti
         if self._offs != NULL:
             return 0
-        self._offs = <uint32_t *>malloc(sizeof(uint32_t) * (self.count if self.count else 1))
         self._answered = <unsigned char *>calloc(self.count if self.count else 1, 1)
-        if self._offs == NULL or self._answered == NULL:
+        if self._answered == NULL:
+            raise MemoryError()
+        self._offs = <uint32_t *>malloc(sizeof(uint32_t) * (self.count if self.count else 1))
+        if self._offs == NULL:
+            free(self._answered)
+            self._answered = NULL
             raise MemoryError()
         base = <const unsigned char *>PyBytes_AS_STRING(self.frame)
         p = base + C_FRAME_HEADER_BYTES + 10
@@ -143,8 +149,18 @@ cdef class ProducerCore:
 
     ``on_first()`` is called when an event lands in an empty batch (arm the
     linger timer), ``on_sealed()`` after batches were appended to ``sealed``;
-    both at most once per ``produce`` call, after its event is in place.
+    both at most once per call, after the call's change is complete and
+    outside the lock.
+
+    Thread safety: ``produce``, ``readd``, ``seal``, ``take_sealed`` and
+    ``resolved`` hold the core's lock while they change it (a
+    ``SyncProducer`` produces from its callers' threads while its loop thread
+    seals and answers; the GIL alone is not enough, since an allocation can
+    run the garbage collector and with it another thread's Python code). The
+    lock is taken without waiting when it is free, and with the GIL released
+    when it is not. ``OutBatch`` objects belong to the loop thread.
     """
+    cdef PyThread_type_lock _lock
     cdef unsigned char *_buf
     cdef Py_ssize_t _cap
     cdef Py_ssize_t _len
@@ -177,6 +193,9 @@ cdef class ProducerCore:
     def __cinit__(self, bytes id_prefix, Py_ssize_t batch_max_bytes, Py_ssize_t max_buffered):
         if len(id_prefix) != 8:
             raise ValueError("id_prefix must be 8 bytes")
+        self._lock = PyThread_allocate_lock()
+        if self._lock == NULL:
+            raise MemoryError()
         memcpy(self._prefix, PyBytes_AS_STRING(id_prefix), 8)
         self._counter = 0
         self._seq = 0
@@ -196,6 +215,19 @@ cdef class ProducerCore:
     def __dealloc__(self):
         free(self._buf)
         free(self._tcounts)
+        if self._lock != NULL:
+            PyThread_free_lock(self._lock)
+
+    cdef inline void _acquire(self):
+        if not PyThread_acquire_lock(self._lock, 0):
+            with nogil:
+                PyThread_acquire_lock(self._lock, 1)
+
+    cdef inline void _release(self):
+        PyThread_release_lock(self._lock)
+
+    cdef inline Py_ssize_t _frame_bytes(self) noexcept:
+        return C_FRAME_HEADER_BYTES + 14 + self._types_bytes + self._len
 
     @property
     def id_prefix(self):
@@ -204,10 +236,13 @@ cdef class ProducerCore:
     @property
     def frame_bytes(self):
         """Size the open batch's frame would have now."""
-        return C_FRAME_HEADER_BYTES + 14 + self._types_bytes + self._len
+        return self._frame_bytes()
 
     cdef bytes _name(self, object event_type, object schema_version):
-        cdef object cache_key = event_type if schema_version is None else (event_type, schema_version)
+        cdef object cache_key
+        if schema_version is not None and (type(schema_version) is not int or schema_version < 1):
+            raise UsageError("schema_version must be a positive integer")  # before the cache: True == 1
+        cache_key = event_type if schema_version is None else (event_type, schema_version)
         cdef PyObject *hit = PyDict_GetItem(self._names, cache_key)
         cdef bytes name
         if hit != NULL:
@@ -215,8 +250,6 @@ cdef class ProducerCore:
         if not isinstance(event_type, str):
             raise UsageError("event type must be a str")
         if schema_version is not None:
-            if isinstance(schema_version, bool) or not isinstance(schema_version, int) or schema_version < 1:
-                raise UsageError("schema_version must be a positive integer")
             name = f"{event_type}@{schema_version}".encode("utf-8")
         else:
             name = (<str>event_type).encode("utf-8")
@@ -263,7 +296,7 @@ cdef class ProducerCore:
         return 0
 
     cdef int _append(self, bytes name, const unsigned char *eid, int64_t ts, const unsigned char *key,
-                     Py_ssize_t kl, bint has_key, const unsigned char *val, Py_ssize_t vl,
+                     Py_ssize_t kl, const unsigned char *val, Py_ssize_t vl,
                      object fut) except -1:
         """One event into the open batch (sealing it first when the event
         would not fit); the event's size was checked by the caller."""
@@ -272,7 +305,7 @@ cdef class ProducerCore:
         cdef unsigned char *p
         cdef int ti
         if self.count and (
-            self.frame_bytes + size + (1 + len(name) if new_type else 0) + _FRAME_SLACK > self.frame_limit
+            self._frame_bytes() + size + (1 + len(name) if new_type else 0) + _FRAME_SLACK > self.frame_limit
             or self.count >= self.max_events
             or (new_type and len(self._types) >= C_MAX_TYPES_PER_BATCH)
         ):
@@ -298,7 +331,7 @@ cdef class ProducerCore:
         self.count += 1
         if self.count == 1:
             self._first_due = True
-        if self.frame_bytes >= self.batch_max_bytes:
+        if self._frame_bytes() >= self.batch_max_bytes:
             self._seal()
         return 0
 
@@ -331,44 +364,42 @@ cdef class ProducerCore:
         self._sealed_due = True
         return 0
 
-    cdef int _callbacks(self) except -1:
-        if self._sealed_due:
-            self._sealed_due = False
-            if self.on_sealed is not None:
-                self.on_sealed()
-        if self._first_due:
-            self._first_due = False
-            if self.on_first is not None and self.count:
-                self.on_first()
+    cdef int _due(self) noexcept:
+        """Which callbacks the change just made owes (1 sealed, 2 first), cleared; under the lock."""
+        cdef int due = (1 if self._sealed_due else 0) | (2 if self._first_due and self.count else 0)
+        self._sealed_due = False
+        self._first_due = False
+        return due
+
+    cdef int _callbacks(self, int due) except -1:
+        """Called after the lock is released."""
+        if due & 1 and self.on_sealed is not None:
+            self.on_sealed()
+        if due & 2 and self.on_first is not None:
+            self.on_first()
         return 0
 
     def produce(self, event_type, payload, key=None, timestamp_ms=None, event_id=None, schema_version=None,
                 on_delivery=None):
         """Add one event to the open batch; ``on_delivery``: a future or a
         callable to answer once the event is (or cannot be) persisted. Raises
-        ``ProducerClosed``, ``BufferFull`` (``max_buffered`` events
-        unanswered), ``UsageError`` (bad arguments) or ``EventRejected``
-        (``too_large``), adding nothing.
-
-        Thread safety: every method runs under the GIL and changes the state
-        only after its last allocation of a garbage-collected object, so no
-        other thread's Python code runs in the middle of a change (a
-        ``SyncProducer`` produces from its callers' threads while its loop
-        thread seals and answers)."""
+        ``ProducerClosed`` (or the error that closed the producer),
+        ``BufferFull`` (``max_buffered`` events unanswered), ``UsageError``
+        (bad arguments) or ``EventRejected`` (``too_large``), adding nothing."""
         cdef Py_buffer kv, vv, iv
         cdef bint key_buf = False, val_buf = False, id_buf = False
         cdef const unsigned char *kp = NULL
         cdef const unsigned char *vp
-        cdef const unsigned char *ip
+        cdef const unsigned char *ip = NULL
         cdef Py_ssize_t kl = 0, vl, i
         cdef unsigned char gen_id[16]
         cdef int64_t ts
         cdef bytes name
+        cdef int due = 0
         if self.closed:
-            raise self.closed_error if self.closed_error is not None else ProducerClosed("producer is closed")
-        if self.unresolved >= self.max_buffered:
-            raise BufferFull(f"{self.unresolved} events are waiting for their acknowledgement "
-                             f"(max_buffered_events); wait for space and produce again")
+            if self.closed_error is not None:
+                raise self.closed_error.with_traceback(None)  # one instance: no traceback piling up
+            raise ProducerClosed("producer is closed")
         name = self._name(event_type, schema_version)
         ts = _now_ms() if timestamp_ms is None else <int64_t>timestamp_ms
         if PyBytes_Check(payload):
@@ -391,12 +422,7 @@ cdef class ProducerCore:
                     kl = kv.len
                 if kl > 65535:
                     raise UsageError("key longer than 65535 bytes")
-            if event_id is None:
-                self._counter += 1
-                memcpy(gen_id, self._prefix, 8)
-                eb_st64(gen_id + 8, self._counter)
-                ip = gen_id
-            else:
+            if event_id is not None:
                 PyObject_GetBuffer(event_id, &iv, PyBUF_SIMPLE)
                 id_buf = True
                 ip = <const unsigned char *>iv.buf
@@ -408,11 +434,27 @@ cdef class ProducerCore:
                 else:
                     raise UsageError("event_id must be 16 bytes, not all zero")
             if vl + kl > self.max_event_bytes:
-                raise EventRejected("too_large", PyBytes_FromStringAndSize(<char *>ip, 16),
-                                    str(event_type))
-            self._append(name, ip, ts, kp, kl, key is not None, vp, vl, on_delivery)
-            self.unresolved += 1
-            self.produced += 1
+                if ip == NULL:
+                    memcpy(gen_id, self._prefix, 8)
+                    memset(gen_id + 8, 0, 8)  # not sent: it takes no number from the counter
+                    ip = gen_id
+                raise EventRejected("too_large", PyBytes_FromStringAndSize(<char *>ip, 16), str(event_type))
+            self._acquire()
+            try:
+                if self.unresolved >= self.max_buffered:
+                    raise BufferFull(f"{self.unresolved} events are waiting for their acknowledgement "
+                                     f"(max_buffered_events); wait for space and produce again")
+                if ip == NULL:
+                    self._counter += 1
+                    memcpy(gen_id, self._prefix, 8)
+                    eb_st64(gen_id + 8, self._counter)
+                    ip = gen_id
+                self._append(name, ip, ts, kp, kl, vp, vl, on_delivery)
+                self.unresolved += 1
+                self.produced += 1
+                due = self._due()
+            finally:
+                self._release()
         finally:
             if val_buf:
                 PyBuffer_Release(&vv)
@@ -420,7 +462,7 @@ cdef class ProducerCore:
                 PyBuffer_Release(&kv)
             if id_buf:
                 PyBuffer_Release(&iv)
-        self._callbacks()
+        self._callbacks(due)
 
     def readd(self, OutBatch b, indices):
         """Put events of a sent batch (by index) into the open batch again,
@@ -429,33 +471,52 @@ cdef class ProducerCore:
         cdef const unsigned char *p
         cdef Py_ssize_t i, kl
         cdef list futs = b.futures
+        cdef int due = 0
         b._index()
         for i in indices:
             if not 0 <= i < b.count:
                 raise IndexError(i)
-            p = base + b._offs[i]
-            kl = eb_ld16(p + 2)
-            self._append(<bytes>b.type_names[eb_ld16(p)], p + 16, <int64_t>eb_ld64(p + 8),
-                         p + C_EVENT_HEADER_BYTES, kl, kl > 0, p + C_EVENT_HEADER_BYTES + kl, eb_ld32(p + 4),
-                         futs[i] if futs is not None else None)
-        self._callbacks()
+        self._acquire()
+        try:
+            for i in indices:
+                p = base + b._offs[i]
+                kl = eb_ld16(p + 2)
+                self._append(<bytes>b.type_names[eb_ld16(p)], p + 16, <int64_t>eb_ld64(p + 8),
+                             p + C_EVENT_HEADER_BYTES, kl, p + C_EVENT_HEADER_BYTES + kl, eb_ld32(p + 4),
+                             futs[i] if futs is not None else None)
+            due = self._due()
+        finally:
+            self._release()
+        self._callbacks(due)
 
     def seal(self):
         """Seal the open batch (if it holds events) into ``sealed``."""
-        self._seal()
-        self._callbacks()
+        cdef int due = 0
+        self._acquire()
+        try:
+            self._seal()
+            due = self._due()
+        finally:
+            self._release()
+        self._callbacks(due)
 
     def take_sealed(self, bint seal_open=False):
         """The sealed batches, oldest first, handed over (``sealed`` is
         emptied); ``seal_open``: the open batch too, without callbacks."""
         cdef list out
-        if seal_open:
-            self._seal()
-            self._sealed_due = False
-        out = self.sealed
-        self.sealed = []
-        return out
+        self._acquire()
+        try:
+            if seal_open:
+                self._seal()
+                self._sealed_due = False
+            out = self.sealed
+            self.sealed = []
+            return out
+        finally:
+            self._release()
 
     def resolved(self, Py_ssize_t n):
         """``n`` events were answered (or given up)."""
+        self._acquire()
         self.unresolved -= n
+        self._release()

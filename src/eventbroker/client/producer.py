@@ -99,11 +99,14 @@ class FlushReport:
 def _answer(target: Any, event_id: bytes, exc: Exception | None) -> None:
     """Resolve a future (asyncio or concurrent) or call an on_delivery callback."""
     if isinstance(target, asyncio.Future | concurrent.futures.Future):
-        if not target.done():
-            if exc is None:
-                target.set_result(event_id)
-            else:
-                target.set_exception(exc)
+        try:
+            if not target.done():
+                if exc is None:
+                    target.set_result(event_id)
+                else:
+                    target.set_exception(exc)
+        except (asyncio.InvalidStateError, concurrent.futures.InvalidStateError):
+            pass  # cancelled by its owner (another thread) in between
         return
     try:
         target(event_id, exc)
@@ -176,6 +179,7 @@ class Producer:
         self._core.on_first = self._arm_linger
         self._core.on_sealed = self._pump
         self._linger_handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._outbox: deque[fp.OutBatch] = deque()
         self._inflight: dict[int, fp.OutBatch] = {}
         # answered retry-later, waiting out the hint: (batch, indices)
@@ -215,16 +219,20 @@ class Producer:
     @property
     def stats(self) -> dict[str, int]:
         """Counters since start: ``sent`` (produced), ``persisted``,
-        ``rejected`` (by the gateway, or too large), ``failed`` (closed or a
-        fatal error before an answer), ``retried``, ``resent_after_reconnect``,
-        ``connect_failures``; ``buffered``: waiting for an answer now."""
+        ``rejected`` (by the gateway), ``failed`` (closed or a fatal error
+        before an answer), ``retried``, ``resent_after_reconnect``,
+        ``connect_failures``; ``buffered``: waiting for an answer now. Events
+        refused before they were queued (too large, bad arguments, buffer
+        full) raised at the call and are not counted."""
         return {"sent": self._core.produced, **self._counts, "buffered": self._core.unresolved}
 
     # lifecycle
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._connection_loop(), name="eventbroker-producer-conn"))
+        if self._core.count:  # produced before start: the open batch needs its timer
+            self._arm_linger()
 
     async def __aenter__(self) -> Producer:
         await self.start()
@@ -234,8 +242,10 @@ class Producer:
         await self.close()
 
     async def flush(self, timeout_s: float | None = None) -> FlushReport:
-        """Send what is batched and wait until every event produced so far is
-        answered; returns what was answered since the previous flush."""
+        """Send what is batched and wait until no event is left unanswered
+        (as confluent-kafka's ``flush``, that includes events produced while
+        it waits, from other tasks or threads); returns what was answered
+        since the previous flush."""
         self._core.seal()
         async with asyncio.timeout(timeout_s):
             while self._core.unresolved:
@@ -319,7 +329,6 @@ class Producer:
             except BufferFull:
                 await self.wait_for_space()
             except EventRejected as e:  # too large for the server: answered without sending
-                self._counts["rejected"] += 1
                 fut.set_exception(e)
                 return fut
 
@@ -351,8 +360,8 @@ class Producer:
             raise self._fatal
 
     def _arm_linger(self) -> None:
-        if self._linger_handle is None and not self._closed:
-            self._linger_handle = asyncio.get_running_loop().call_later(self._linger_s, self._linger_fire)
+        if self._linger_handle is None and not self._closed and self._loop is not None:
+            self._linger_handle = self._loop.call_later(self._linger_s, self._linger_fire)
 
     def _linger_fire(self) -> None:
         self._linger_handle = None

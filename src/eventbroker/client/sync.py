@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from eventbroker.client.producer import DeliveryCallback, FlushReport, Producer
-from eventbroker.errors import BufferFull, EventRejected
+from eventbroker.errors import BufferFull, EventRejected, UsageError
 from eventbroker.protocol import DEFAULT_LISTEN
 
 
@@ -57,6 +57,9 @@ class SyncProducer:
              timeout_s: float | None = None) -> concurrent.futures.Future[bytes]:
         """Queue an event, blocking while the buffer is full (up to ``timeout_s``:
         then ``BufferFull``); the future resolves to its id once persisted."""
+        if threading.current_thread() is self._thread:
+            raise UsageError("SyncProducer.send() from its own loop thread (a callback) would wait for "
+                             "acknowledgements that thread has to read; use produce() there")
         fut: concurrent.futures.Future[bytes] = concurrent.futures.Future()
         core = self._core
         deadline = None if timeout_s is None else self._loop.time() + timeout_s

@@ -73,6 +73,7 @@ _TOPIC_RE = re.compile(r"^[A-Za-z0-9._\-]{1,249}$")
 def resolve_types(cfg: Config) -> dict[str, EventType]:
     """The registry: every configured type with defaults applied, validated."""
     d = cfg.defaults
+    _compression("", None, None, d.compression, d.compression_level)  # a bad default level, even if unused
     out: dict[str, EventType] = {}
     for name, t in sorted(cfg.types.items()):
         topic = t.topic if t.topic is not None else f"events.{name}"

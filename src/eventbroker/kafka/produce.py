@@ -44,18 +44,22 @@ class NativeProduceRequest:
     tests/test_kafka_sink.py pins this contract against the installed aiokafka.
     """
 
-    __slots__ = ("_body",)
+    __slots__ = ("_body", "_zstd")
     API_KEY = 0
     required_acks = -1
 
-    def __init__(self, body: bytes) -> None:
+    def __init__(self, body: bytes, zstd: bool = False) -> None:
         self._body = body
+        self._zstd = zstd  # zstd record batches need Produce v7 (KIP-110)
 
     def prepare(self, versions: dict[int, tuple[int, int]]):
         lo, hi = versions.get(0, (3, 7))
         version = min(hi, 7)
         if version < max(lo, 3):
             raise IncompatibleBrokerVersion("eventbroker needs Produce v3 or newer (Kafka 0.11+)")
+        if self._zstd and version < 7:
+            raise IncompatibleBrokerVersion("zstd-compressed record batches need Kafka 2.1+ (Produce v7); set "
+                                            "the type's compression to lz4, snappy, gzip or none for this cluster")
         return _PREBUILT[version](self._body)
 
 

@@ -242,8 +242,10 @@ class KafkaSink(BuildsRecordBatches):
         topic_b = topic.encode()
         timeout_ms = self._cfg.request_timeout_ms
         nodes = list(by_node)
+        # attributes' codec bits (offset 22, low byte): 4 is zstd
+        zstd = any(buf[22] & 7 == 4 for _, buf, _ in batches)
         results = await asyncio.gather(
-            *(client.send(n, NativeProduceRequest(encode_produce_body(topic_b, by_node[n], timeout_ms)))
+            *(client.send(n, NativeProduceRequest(encode_produce_body(topic_b, by_node[n], timeout_ms), zstd))
               for n in nodes),
             return_exceptions=True,
         )
