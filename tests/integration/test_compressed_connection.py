@@ -155,3 +155,17 @@ async def test_hostile_compressed_bodies_get_an_error_frame(daemon_factory, kafk
         topic = d.router.lanes["play"].etype.topic
     got = read_topic(kafka_bootstrap, topic, len(ids))
     assert {record_headers(m)["eb.id"] for m in got} == set(ids)
+
+
+def test_an_incompressible_batch_is_sent_as_it_is():
+    """Compressing random payloads would make the frame bigger (and could pass
+    max_frame_bytes): the frame goes uncompressed, which 4.3.1 allows."""
+    import os
+
+    enc = fp.BatchEncoder()
+    for i in range(16):
+        enc.add(b"play", struct.pack(">QQ", 9, i + 1), 1, None, os.urandom(16_000))
+    frame = enc.finish(1)
+    for flag in (FLAG_COMPRESS_ZSTD, FLAG_COMPRESS_LZ4):
+        assert compress_batch_frame(frame, flag) is frame
+    assert compress_batch_frame(_batch(), FLAG_COMPRESS_LZ4)[5] == FRAME_FLAG_COMPRESSED

@@ -24,3 +24,13 @@ def test_request_picks_a_supported_version():
 
     with pytest.raises(IncompatibleBrokerVersion):
         req.prepare({0: (0, 2)})
+
+
+def test_zstd_batches_need_produce_v7():
+    """zstd record batches need Kafka 2.1+ (Produce v7, KIP-110): an older
+    broker gets a request error that names the fix, not a corrupt batch."""
+    body = encode_produce_body(b"t", [(0, b"x")], 1000)
+    assert NativeProduceRequest(body, zstd=True).prepare({0: (0, 9)}).API_VERSION == 7
+    assert NativeProduceRequest(body).prepare({0: (0, 6)}).API_VERSION == 6
+    with pytest.raises(Exception, match="zstd.*Kafka 2.1.*lz4"):
+        NativeProduceRequest(body, zstd=True).prepare({0: (0, 6)})
