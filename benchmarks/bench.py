@@ -431,17 +431,18 @@ class Bench:
                 run["client_plus_gateway_us_per_event"] = round(run["client_us_per_event"]
                                                                 + run["daemon_us_per_event"], 3)
             out.append(run)
-        # Ack latency through the SDK at half the rate the produce() run sustained.
-        rate = out[0]["events_per_s"] * 0.5
-        pre = self.prefix()
-        with self.daemon("kafka", self.topics(pre)) as (server, dp):
-            res = self.loadgen(server, dp, events=int(rate * self.args.seconds), rate=rate, client="sdk",
-                               connections=self.args.connections, batch_events=self.args.batch_events,
-                               event_bytes=self.args.event_bytes)
-        lat = self._gateway_figures("sdk-latency-50%", res)
-        lat["offered_events_per_s"] = round(rate)
-        lat["client_us_per_event"] = lat.pop("loadgen_us_per_event")
-        out.append(lat)
+        # Ack latency through the SDK at fractions (default: half) of the rate the produce() run sustained.
+        for f in self.args.sdk_latency_fractions:
+            rate = out[0]["events_per_s"] * f
+            pre = self.prefix()
+            with self.daemon("kafka", self.topics(pre)) as (server, dp):
+                res = self.loadgen(server, dp, events=int(rate * self.args.seconds), rate=rate, client="sdk",
+                                   connections=self.args.connections, batch_events=self.args.batch_events,
+                                   event_bytes=self.args.event_bytes)
+            lat = self._gateway_figures(f"sdk-latency-{round(f * 100)}%", res)
+            lat["offered_events_per_s"] = round(rate)
+            lat["client_us_per_event"] = lat.pop("loadgen_us_per_event")
+            out.append(lat)
         direct = self.direct("librdkafka", f"{self.prefix()}.direct", events, flags=("headers", "keys"))
         direct["scenario"] = "direct-librdkafka-keys-headers"
         out.append(direct)
@@ -677,12 +678,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-pid", type=int, help="pid of the --server daemon, for its CPU figures")
     ap.add_argument("--types", default=DEFAULT_TYPES, help="event types, comma separated (sent round-robin)")
     ap.add_argument("--linger-ms", type=int, help="the daemon's [kafka] linger_ms (default: its default)")
+    ap.add_argument("--sdk-latency-fractions", default="0.5",
+                    help="sdk scenario: ack latency at these fractions of the produce() rate (comma separated)")
     ap.add_argument("--compression", default="none",
                     help="every type's Kafka compression in the scenarios other than compression (default none, "
                          "as the direct producers send)")
     ap.add_argument("--output", help="write the full results JSON here (default benchmarks/results/)")
     args = ap.parse_args(argv)
     args.scenarios = set(args.scenarios.split(","))
+    args.sdk_latency_fractions = [float(x) for x in args.sdk_latency_fractions.split(",")]
     if args.server:
         if not args.kafka:
             ap.error("--server needs --kafka (the broker that daemon writes to)")
