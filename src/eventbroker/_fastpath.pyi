@@ -19,6 +19,7 @@ FRAME_HELLO: int
 FRAME_WELCOME: int
 FRAME_EVENT_BATCH: int
 COMPRESSED_FRAME_FLAG: int
+RECORD_BATCH_HEADER_BYTES: int
 FRAME_ACK: int
 FRAME_HEARTBEAT: int
 FRAME_GOAWAY: int
@@ -190,7 +191,6 @@ class OutBatch:
     left: int
     type_names: list[bytes]
     futures: list[Any] | None
-    sent_at: float
     def take(self, type_index: int, indices: Sequence[int], want_list: bool) -> Any: ...
     def unanswered(self) -> list[int]: ...
     def event_id(self, i: int) -> bytes: ...
@@ -207,14 +207,11 @@ class ProducerCore:
     batch_max_bytes: int
     closed: bool
     closed_error: BaseException | None
-    sealed: list[OutBatch]
     on_first: Callable[[], Any] | None
     on_sealed: Callable[[], Any] | None
     def __init__(self, id_prefix: bytes, batch_max_bytes: int, max_buffered: int) -> None: ...
     @property
     def id_prefix(self) -> bytes: ...
-    @property
-    def frame_bytes(self) -> int: ...
     def produce(self, event_type: str, payload: Buffer, key: Buffer | None = None, timestamp_ms: int | None = None,
                 event_id: Buffer | None = None, schema_version: int | None = None,
                 on_delivery: Any = None) -> None: ...

@@ -79,6 +79,7 @@ TYPE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.\-]{0,63}$"
 FRAME_HELLO = C_FRAME_HELLO
 FRAME_WELCOME = C_FRAME_WELCOME
 FRAME_EVENT_BATCH = C_FRAME_EVENT_BATCH
+RECORD_BATCH_HEADER_BYTES = KAFKA_BATCH_HEADER_BYTES  # a Kafka record batch's header, before its records
 COMPRESSED_FRAME_FLAG = 1  # frame header flags bit: the EVENT_BATCH body is compressed (docs/protocol.md 2.2)
 FRAME_ACK = C_FRAME_ACK
 FRAME_HEARTBEAT = C_FRAME_HEARTBEAT

@@ -46,7 +46,6 @@ cdef class OutBatch:
     cdef readonly Py_ssize_t left       # events not answered yet
     cdef readonly list type_names       # bytes, by type index
     cdef public object futures          # list (a future, a callable or None per event), or None
-    cdef public double sent_at
     cdef uint32_t *_type_left           # per type index: events not answered yet
     cdef uint32_t *_offs                # per event: offset of its header in the frame (lazily)
     cdef unsigned char *_answered       # per event (lazily)
@@ -184,7 +183,7 @@ cdef class ProducerCore:
     cdef public Py_ssize_t batch_max_bytes
     cdef public bint closed
     cdef public object closed_error         # raised by produce() once closed (default ProducerClosed)
-    cdef readonly list sealed
+    cdef list sealed  # handed over by take_sealed
     cdef public object on_first
     cdef public object on_sealed
     cdef bint _first_due
@@ -232,11 +231,6 @@ cdef class ProducerCore:
     @property
     def id_prefix(self):
         return PyBytes_FromStringAndSize(<char *>self._prefix, 8)
-
-    @property
-    def frame_bytes(self):
-        """Size the open batch's frame would have now."""
-        return self._frame_bytes()
 
     cdef bytes _name(self, object event_type, object schema_version):
         cdef object cache_key

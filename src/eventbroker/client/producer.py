@@ -203,7 +203,7 @@ class Producer:
         self._refused_in_a_row = 0
         self._counts = {"persisted": 0, "rejected": 0, "failed": 0, "retried": 0, "resent_after_reconnect": 0,
                         "connect_failures": 0}
-        self._since_flush = [0, 0, 0]  # persisted, rejected, failed
+        self._at_last_flush = (0, 0, 0)  # _counts' persisted, rejected, failed when flush() last reported
         self._rejections: list[EventRejected] = []
 
     @property
@@ -251,15 +251,17 @@ class Producer:
             while self._core.unresolved:
                 self._idle.clear()
                 await self._idle.wait()
-        if self._fatal is not None and self._since_flush[2]:
-            self._take_report()
+        report = self._take_report()
+        if self._fatal is not None and report.failed:
             raise self._fatal
-        return self._take_report()
+        return report
 
     def _take_report(self) -> FlushReport:
-        persisted, rejected, failed = self._since_flush
+        c = self._counts
+        now = (c["persisted"], c["rejected"], c["failed"])
+        persisted, rejected, failed = (n - before for n, before in zip(now, self._at_last_flush, strict=True))
+        self._at_last_flush = now
         report = FlushReport(persisted, rejected, failed, tuple(self._rejections))
-        self._since_flush = [0, 0, 0]
         self._rejections = []
         return report
 
@@ -389,7 +391,6 @@ class Producer:
         codec = self._codec
         while outbox and len(inflight) < self._max_inflight and conn.writable:
             batch = outbox.popleft()
-            batch.sent_at = time.monotonic()
             inflight[batch.seq] = batch
             conn.write(compress_batch_frame(batch.frame, codec) if codec else batch.frame)
 
@@ -434,8 +435,6 @@ class Producer:
         if persisted or rejected:
             self._counts["persisted"] += persisted
             self._counts["rejected"] += len(rejected)
-            self._since_flush[0] += persisted
-            self._since_flush[1] += len(rejected)
             if rejected and len(self._rejections) < MAX_REPORTED_REJECTIONS:
                 self._rejections += rejected[:MAX_REPORTED_REJECTIONS - len(self._rejections)]
             self._resolved(persisted + len(rejected))
@@ -496,7 +495,6 @@ class Producer:
                         _answer(futs[i], b.event_id(i), exc)
         if n:
             self._counts["failed"] += n
-            self._since_flush[2] += n
             self._resolved(n)
 
     # connection management

@@ -26,7 +26,6 @@ from eventbroker.kafka.sink import KafkaBatch
 # Kafka's attribute value per codec (record batch attributes, bits 0-2).
 CODEC_IDS: dict[str, int] = {"none": 0, "gzip": 1, "snappy": 2, "lz4": 3, "zstd": 4}
 
-_HEADER_BYTES = 61  # of a record batch (magic v2), before its records
 _XERIAL_HEADER = b"\x82SNAPPY\x00" + struct.pack(">ii", 1, 1)
 _XERIAL_BLOCK = 32 * 1024
 _BLOCK_LEN = struct.Struct(">i")
@@ -74,7 +73,7 @@ class BatchCompressor:
         out: list[KafkaBatch] = []
         total = 0
         for partition, batch, count in batches:
-            packed = fp.compressed_record_batch(batch, self._id, self._fn(memoryview(batch)[_HEADER_BYTES:]))
+            packed = fp.compressed_record_batch(batch, self._id, self._fn(memoryview(batch)[fp.RECORD_BATCH_HEADER_BYTES:]))
             total += len(packed)
             out.append((partition, packed, count))
         return out, total
