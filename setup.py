@@ -21,6 +21,7 @@ extensions = [
         include_dirs=["src/eventbroker/_native"],
         depends=sorted(str(p) for p in Path("src/eventbroker/_native").iterdir()),
         extra_compile_args=extra_compile_args,
+        libraries=["crypto"],  # OpenSSL's libcrypto: AES-256-GCM for personal fields (personal.pxi)
     )
 ]
 

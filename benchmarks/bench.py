@@ -157,8 +157,8 @@ class Bench:
 
     @contextlib.contextmanager
     def daemon(self, sink: str, topics: dict[str, str], create_topics: bool = True,
-               ack: str = "kafka", schema: bool = False, compression: str | None = None,
-               admin_port: int | None = None) -> Iterator[tuple[str, Proc]]:
+               ack: str = "kafka", schema: bool | str = False, compression: str | None = None,
+               admin_port: int | None = None, extra: str = "") -> Iterator[tuple[str, Proc]]:
         if self.args.server:  # a running daemon: its config decides sink and topics
             yield self.args.server, Proc(self.args.server_pid) if self.args.server_pid else _NoProc()
             return
@@ -174,11 +174,13 @@ class Bench:
             lines.append(f"linger_ms = {self.args.linger_ms}\n")
         if ack == "spool":
             lines.append(f'[spool]\ndir = "{self.tmp / f"spool-{port}"}"\n')
-        if schema:  # every type validated against the 10-field schema
+        if schema:  # every type validated against a schema of benchmarks/schemas (default: the 10-field one)
             lines.append(f'[schemas]\ndir = "{HERE / "schemas"}"\n')
+        lines.append(extra)
+        schema_name = schema if isinstance(schema, str) else "bench"
         for t, topic in topics.items():
             lines.append(f'[types.{t}]\ntopic = "{topic}"\npartitioning = "spread"\nack = "{ack}"\n'
-                         f'compression = "{compression}"\n' + ('schema = "bench"\n' if schema else ""))
+                         f'compression = "{compression}"\n' + (f'schema = "{schema_name}"\n' if schema else ""))
         conf.write_text("".join(lines))
         log = open(self.tmp / f"daemon-{port}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
@@ -377,6 +379,71 @@ class Bench:
             checked["validation_us_per_event"] = round(checked["daemon_us_per_event"] - plain["daemon_us_per_event"], 3)
         return out
 
+    def privacy(self, events: int) -> list[dict]:
+        """e2e with events of 100,000 users carrying two personal fields
+        (benchmarks/schemas/private), beside the same events against a schema
+        that marks nothing personal (plain), in one run. The personal runs
+        share one SQLite key store: cold (a new store: every key made on first
+        sight), warm (the same gateway again: every key cached), and
+        cold-existing (a new gateway on that store: every key read and
+        unwrapped). Then one user is forgotten and the time until the gateway
+        dropped the key is measured."""
+        from eventbroker.kafka.embedded import free_port
+
+        a = self.args
+        out = []
+
+        def load(server: str, dp: Proc) -> dict:
+            return self.loadgen(server, dp, events=events, connections=a.connections, batch_events=a.batch_events,
+                                payload="json10p")
+
+        def finish(name: str, res: dict, topics: dict[str, str], before: dict, after: dict,
+                   earlier: dict | None = None) -> dict:
+            """The run's figures; its events read back (with ``earlier``'s: the same topics)."""
+            run = self._gateway_figures(name, res)
+            acked = {t: res["acked_by_type"].get(t, 0) + (earlier or {}).get(t, 0) for t in self.types}
+            run.update(self.verify({topics[t]: acked[t] for t in self.types}, sum(acked.values()), None))
+            run["events_lost"] = max(0, sum(acked.values()) - run["events_verified"])
+            d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+            if "eventbroker_privacy_values_sealed_total" in after:
+                run["values_sealed"] = d["eventbroker_privacy_values_sealed_total"]
+                run["users_loaded"] = d["eventbroker_privacy_users_loaded_total"]
+                run["parts_waiting_for_keys"] = d["eventbroker_privacy_parts_waiting_for_keys_total"]
+                secs = d["eventbroker_privacy_key_load_seconds_total"]
+                run["key_store_users_per_s"] = round(run["users_loaded"] / secs) if secs else None
+                run["cached_users"] = after["eventbroker_privacy_cached_users"]
+            return run
+
+        pre = self.prefix()
+        topics = self.topics(pre)
+        with self.daemon("kafka", topics, schema="plain") as (server, dp):
+            out.append(finish("e2e-privacy-none", load(server, dp), topics, {}, {}))
+        store = self.tmp / f"keys-{pre}"
+        extra = (f'[privacy]\nkey_store = "sqlite:///{store}/keys.db"\nkek_file = "{store}/kek"\n'
+                 'forget_poll_ms = 1000\n')
+        for name in ("e2e-privacy-cold", "e2e-privacy-cold-existing"):
+            topics = self.topics(self.prefix())
+            admin = free_port()
+            with self.daemon("kafka", topics, schema="private", extra=extra, admin_port=admin) as (server, dp):
+                m0 = _metric_totals(f"127.0.0.1:{admin}")
+                res = load(server, dp)
+                m1 = _metric_totals(f"127.0.0.1:{admin}")
+                if name != "e2e-privacy-cold":
+                    out.append(finish(name, res, topics, m0, m1))
+                    continue
+                warm = load(server, dp)  # the same gateway again: every key cached
+                m2 = _metric_totals(f"127.0.0.1:{admin}")
+                forget_ms = _forget_ms(f"127.0.0.1:{admin}", store, "u000042")
+            out.append(finish(name, res, topics, m0, m1))
+            out.append(finish("e2e-privacy-warm", warm, topics, m1, m2, earlier=res["acked_by_type"]))
+            out[-1]["forget_propagation_ms"] = forget_ms
+        base = out[0]["daemon_us_per_event"]
+        for run in out[1:]:
+            if base is not None and run["daemon_us_per_event"] is not None:
+                run["daemon_us_per_event_over_none"] = round(run["daemon_us_per_event"] - base, 3)
+        out.append({"scenario": "privacy-cache-memory", **_cached_user_bytes()})
+        return out
+
     def compression(self, events: int, codecs=("none", "zstd", "lz4", "snappy", "gzip")) -> list[dict]:
         """e2e with 10-field JSON events, every type's record batches
         compressed with each codec in turn (default level); the bytes come
@@ -512,6 +579,53 @@ class Bench:
         return out
 
 
+def _metric_totals(admin: str) -> dict[str, float]:
+    """Every sample of the daemon's /metrics, summed over labels, by sample name."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for sample in fam.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
+def _forget_ms(admin: str, store: Path, user: str) -> float:
+    """Forget ``user`` in the key store (the Python API); ms until the gateway reports it dropped the key."""
+    from eventbroker.config import Config, PrivacyConfig
+    from eventbroker.privacy import forget
+
+    cfg = Config(privacy=PrivacyConfig(key_store=f"sqlite:///{store}/keys.db", kek_file=str(store / "kek")))
+    before = _metric_totals(admin).get("eventbroker_privacy_forgets_applied_total", 0)
+    t0 = time.monotonic()
+    forget(cfg, user)
+    while _metric_totals(admin).get("eventbroker_privacy_forgets_applied_total", 0) <= before:
+        if time.monotonic() - t0 > 30:
+            raise RuntimeError("the gateway did not apply a forget within 30 s")
+        time.sleep(0.01)
+    return round((time.monotonic() - t0) * 1000, 1)
+
+
+def _cached_user_bytes(n: int = 100_000) -> dict:
+    """Memory a gateway's key cache holds per user (tracemalloc): the user id as the
+    payload names it (7 bytes here) and the 32-byte key, in UserKeys' dict."""
+    import tracemalloc
+
+    from eventbroker import _fastpath as fp
+
+    uk = fp.UserKeys()
+    tracemalloc.start()
+    t0 = tracemalloc.get_traced_memory()[0]
+    uk.keys.update((b"u%06d" % i, os.urandom(32)) for i in range(n))
+    used = tracemalloc.get_traced_memory()[0] - t0
+    tracemalloc.stop()
+    return {"users": n, "bytes_per_cached_user": round(used / n, 1)}
+
+
 def _batch_bytes(admin: str) -> dict[str, float]:
     """The daemon's eventbroker_kafka_batch_bytes, summed over types, by form."""
     import urllib.request
@@ -584,7 +698,8 @@ def run_full(b: Bench) -> dict:
     a = b.args
     n = a.events or 1_000_000
     runs: list[dict] = []
-    steps = sum(1 for x in ("ceiling", "spool", "schema", "sdk", "compression", "fanin", "isolation", "latency")
+    steps = sum(1 for x in ("ceiling", "spool", "schema", "privacy", "sdk", "compression", "fanin", "isolation",
+                            "latency")
                 if x in a.scenarios) + 3 * a.rounds
     with _progress(steps, "bench") as bar:
         def tick(what: str) -> None:
@@ -610,6 +725,9 @@ def run_full(b: Bench) -> dict:
         if "schema" in a.scenarios:
             runs.extend(b.schema(n))
             tick("schema")
+        if "privacy" in a.scenarios:
+            runs.extend(b.privacy(n))
+            tick("privacy")
         if "sdk" in a.scenarios:
             runs.extend(b.sdk(n))
             tick("sdk")
@@ -650,6 +768,8 @@ def summarize(runs: list[dict]) -> dict:
         "sdk_produce_client_plus_gateway_us_per_event": med("e2e-sdk", "client_plus_gateway_us_per_event"),
         "direct_librdkafka_keys_headers_client_us_per_event": med("direct-librdkafka-keys-headers",
                                                                   "client_us_per_event"),
+        "privacy_warm_daemon_us_per_event_over_none": med("e2e-privacy-warm", "daemon_us_per_event_over_none"),
+        "privacy_cold_daemon_us_per_event_over_none": med("e2e-privacy-cold", "daemon_us_per_event_over_none"),
         "events_lost": sum(r.get("events_lost", 0) for r in runs),
     }
     if s["e2e_daemon_us_per_event"] and s["direct_librdkafka_client_us_per_event"]:
@@ -662,7 +782,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="eventbroker bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="under a minute: one JSON line of key figures")
-    ap.add_argument("--scenarios", default="ceiling,e2e,direct,spool,schema,sdk,compression,fanin,isolation,latency")
+    ap.add_argument("--scenarios",
+                    default="ceiling,e2e,direct,spool,schema,privacy,sdk,compression,fanin,isolation,latency")
     ap.add_argument("--events", type=int, help="events per run (default 1,000,000; --quick 300,000)")
     ap.add_argument("--event-bytes", type=int, default=200)
     ap.add_argument("--connections", type=int, default=4)
@@ -690,7 +811,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.server:
         if not args.kafka:
             ap.error("--server needs --kafka (the broker that daemon writes to)")
-        dropped = args.scenarios & {"ceiling", "isolation", "compression"}
+        dropped = args.scenarios & {"ceiling", "isolation", "compression", "privacy"}
         if dropped:
             print(f"with --server, skipping {', '.join(sorted(dropped))} (they configure their own daemon)",
                   file=sys.stderr)

@@ -47,6 +47,18 @@ def json10_for(index: int) -> bytes:
                             (index // 60000) % 60, (index // 1000) % 60, index % 1000, index & 0xFFFFFFFFFFFF, index))
 
 
+def json10p_for(index: int) -> bytes:
+    """The privacy scenario's event (about 230 bytes): 100,000 distinct users and two personal
+    fields, client_ip and email (benchmarks/schemas/private/1.json marks them)."""
+    u = index % 100_000
+    return (b'{"user":"u%06d","track":%d,"ms_played":%d,"context":"%s","offline":%s,"device":"ios",'
+            b'"country":"SE","ts":"2026-12-02T11:%02d:%02d.%03dZ","client_ip":"10.%d.%d.%d",'
+            b'"email":"listener%06d@example.org"}' % (
+                u, index % 1_000_003, (index * 7919) % 400_000, _CONTEXTS[index % 5].encode(),
+                b"true" if index % 9 == 0 else b"false", (index // 60000) % 60, (index // 1000) % 60,
+                index % 1000, u >> 16, (u >> 8) & 255, u & 255, u))
+
+
 def build_frames(n_events: int, batch_events: int, event_bytes: int, types: list[str], conn_id: int, tag: int,
                  payload: str = "bytes"):
     """Frames for one connection: [(frame, n_events, type_name)]; also the
@@ -65,7 +77,8 @@ def build_frames(n_events: int, batch_events: int, event_bytes: int, types: list
         for i in range(n):
             idx = made + i + 1
             body = (payload_for((conn_id << 32) | idx, event_bytes) if payload == "bytes"
-                    else json10_for((conn_id << 32) | idx))
+                    else json10_for((conn_id << 32) | idx) if payload == "json10"
+                    else json10p_for((conn_id << 32) | idx))
             checksum += fp.crc32c(body)
             enc.add(tb, prefix + struct.pack(">Q", idx), ts, None, body)
         seq += 1
@@ -93,6 +106,7 @@ class Conn(asyncio.Protocol):
         self.next = 0
         self.seq = 0
         self.inflight: dict[int, tuple[int, int, float]] = {}  # seq -> (frame index, events, sent at)
+        self.resends = 0  # frames answered retry-later, waiting for their retry_after_ms
         self.reader = fp.FrameReader(64 << 20)
         self.transport: asyncio.Transport | None = None
         loop = asyncio.get_running_loop()
@@ -134,7 +148,7 @@ class Conn(asyncio.Protocol):
 
     def _check_done(self) -> None:
         finished = self.stopping or (not self.cycle and self.next >= len(self.frames))
-        if finished and not self.inflight and not self.done.done():
+        if finished and not self.inflight and (self.stopping or not self.resends) and not self.done.done():
             self.done.set_result(None)
 
     def data_received(self, data: bytes) -> None:
@@ -150,6 +164,7 @@ class Conn(asyncio.Protocol):
                     self.stats.latencies.append(time.perf_counter() - sent_at)
                 elif e.status == Status.RETRY_LATER:
                     self.stats.retries += 1
+                    self.resends += 1
                     asyncio.get_running_loop().call_later(e.retry_after_ms / 1000, self.resend, fi)
                 else:
                     self.stats.rejected += n
@@ -160,8 +175,10 @@ class Conn(asyncio.Protocol):
         self.pump()
 
     def resend(self, fi: int) -> None:
+        self.resends -= 1
         if self.transport is not None and not self.transport.is_closing():
             self._send(fi, time.perf_counter())
+        self._check_done()
 
     def pause_writing(self) -> None:
         self.can_write = False
@@ -363,8 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-events", type=int, default=2000)
     p.add_argument("--event-bytes", type=int, default=200)
     p.add_argument("--types", default="play,search,client_log")
-    p.add_argument("--payload", choices=["bytes", "json10"], default="bytes",
-                   help="bytes: --event-bytes of filler; json10: a 10-field JSON event (the schema scenario)")
+    p.add_argument("--payload", choices=["bytes", "json10", "json10p"], default="bytes",
+                   help="bytes: --event-bytes of filler; json10: a 10-field JSON event (the schema scenario); "
+                   "json10p: 10 fields, 100,000 users, two personal fields (the privacy scenario)")
     p.add_argument("--window", type=int, default=8, help="in-flight batches per connection")
     p.add_argument("--tag", type=int, default=os.getpid(), help="first 4 bytes of every event id")
     p.add_argument("--drain-timeout", type=float, default=10.0)

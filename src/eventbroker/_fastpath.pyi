@@ -54,6 +54,7 @@ REASON_OVERLOADED: int
 REASON_KAFKA_UNAVAILABLE: int
 REASON_SHUTTING_DOWN: int
 REASON_SPOOL_UNAVAILABLE: int
+REASON_KEY_UNAVAILABLE: int
 REASON_SCHEMA_VIOLATION: int
 REASON_UNKNOWN_SCHEMA_VERSION: int
 DEAD_LETTER_PARTITION: int
@@ -102,6 +103,7 @@ class TypeRing:
     name: str
     name_bytes: bytes
     schemas: Any
+    keys: UserKeys | None
     enabled: bool
     accepting: bool
     refuse_reason: int
@@ -180,6 +182,32 @@ class BatchEncoder:
 class FlatSchema:
     def __init__(self, fields: list[tuple[Any, ...]]) -> None: ...
     def accepts(self, payload: bytes) -> bool: ...
+
+# personal fields (personal.pxi)
+CIPHER_PREFIX: bytes
+FORGOTTEN_VALUE: bytes
+PERSONAL_NONCE_BYTES: int
+PERSONAL_TAG_BYTES: int
+PERSONAL_KEY_BYTES: int
+
+class PersonalFields:
+    type_name: bytes
+    user_field: bytes
+    fields: tuple[bytes, ...]
+    def __init__(self, type_name: str, user_field: str, fields: Iterable[str]) -> None: ...
+    def scan(self, payload: bytes) -> tuple[int, bytes | None, list[tuple[int, int]]]: ...
+
+class UserKeys:
+    keys: dict[bytes, bytes | None]
+    on_missing: Callable[[list[bytes]], int] | None
+    retry_after_ms: int
+    encrypted: int
+    shredded: int
+    parts_waiting: int
+    def __init__(self, on_missing: Callable[[list[bytes]], int] | None = None) -> None: ...
+
+def personal_aad(type_name: bytes, field: bytes, event_id: bytes) -> bytes: ...
+def seal_value(key: bytes, type_name: bytes, field: bytes, event_id: bytes, value: bytes) -> bytes: ...
 
 def record_header(key: bytes, value: bytes) -> bytes: ...
 def compressed_record_batch(batch: bytes, codec: int, compressed: Buffer) -> bytes: ...

@@ -14,6 +14,8 @@ One root, ``EventBrokerError``, and a few families under it:
 * ``AuthFailed``: a producer's credentials were refused (server side).
 * ``SpoolError``: a spool directory cannot be used; ``SpoolLocked`` when
   another process holds it. ``SpoolWriteFailed``: a record was not written.
+* ``KeyStoreError``: the store of users' data keys cannot be used, or a key
+  or sealed value does not open (``eventbroker.privacy``).
 
 Operating-system errors stay the built-in ``ConnectionError`` family.
 """
@@ -113,3 +115,8 @@ class SpoolWriteFailed(EventBrokerError):
     def __init__(self, path: object, err: OSError) -> None:
         self.errno = err.errno
         super().__init__(f"{path}: {err.strerror or err}")
+
+
+class KeyStoreError(EventBrokerError):
+    """The key store failed, or a wrapped key or sealed value does not open;
+    the message names the store or the field, never a personal value."""

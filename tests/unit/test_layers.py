@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "eventbroker"
 LAYERS = [
     {"errors", "_fastpath", "protocol"},
     {"config"},
-    {"kafka", "security", "schema"},
+    {"kafka", "security", "schema", "privacy"},
     {"gateway"},
     {"spool"},
     {"ops"},

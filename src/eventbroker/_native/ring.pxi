@@ -84,6 +84,8 @@ cdef class TypeRing:
     # The type's schemas (eventbroker.schema.TypeSchemas) or None: the
     # splitter validates each accepted part against them.
     cdef public object schemas
+    # The gateway's UserKeys (personal.pxi) when the type has personal fields, else None.
+    cdef public object keys
     cdef unsigned long long _seen_in  # the splitter's batch token that last named this ring
 
     def __init__(self, str name, *, Py_ssize_t capacity_bytes, Py_ssize_t max_event_bytes,
@@ -106,6 +108,7 @@ cdef class TypeRing:
         self._read_off = 0
         self._type_hdr = record_header(C_HEADER_EVENT_TYPE, nb)
         self.schemas = None
+        self.keys = None
 
     @property
     def free_bytes(self):
@@ -142,11 +145,13 @@ cdef class TypeRing:
         return c.data
 
     cdef int _write(self, const unsigned char *ev, int64_t now_ms, const unsigned char *extra=NULL,
-                    Py_ssize_t extra_len=0, int extra_count=0, uint32_t flags=0) except -1:
+                    Py_ssize_t extra_len=0, int extra_count=0, uint32_t flags=0,
+                    const unsigned char *value=NULL, Py_ssize_t value_len=0) except -1:
         """Append one event (pointer at its 32-byte wire header) as an entry;
-        ``extra``: ``extra_count`` more record headers, already encoded."""
+        ``extra``: ``extra_count`` more record headers, already encoded;
+        ``value``: a payload that replaces the event's (personal fields sealed)."""
         cdef Py_ssize_t klen = eb_ld16(ev + 2)
-        cdef Py_ssize_t vlen = eb_ld32(ev + 4)
+        cdef Py_ssize_t vlen = eb_ld32(ev + 4) if value == NULL else value_len
         cdef int64_t ts = <int64_t>eb_ld64(ev + 8)
         cdef Py_ssize_t n = self._entry_bytes(klen, vlen, extra_len)
         cdef unsigned char *e = self._reserve(n)
@@ -162,7 +167,7 @@ cdef class TypeRing:
         memcpy(p, key, klen)
         p += klen
         p = eb_put_varint(p, vlen)
-        memcpy(p, key + klen, vlen)
+        memcpy(p, key + klen if value == NULL else value, vlen)
         p += vlen
         p = eb_put_varint(p, 4 + extra_count)
         p[0] = 10

@@ -11,6 +11,8 @@ cdef struct _TypeAcc:
     unsigned char *mask     # per event that passed the per-event checks: 1 = schema failure
     Py_ssize_t seen         # pass 2: such events met so far
     PyObject *ring          # borrowed from the ``rings`` list
+    unsigned char *enc      # personal fields sealed: the part's new payloads (personal.pxi)
+    uint32_t *enc_at        # per event that passed the per-event checks: (offset in enc, length)
     Py_ssize_t n            # events of this type index in the batch
     Py_ssize_t n_ok         # events that pass the per-event checks
     Py_ssize_t bytes_ok     # ring bytes they need
@@ -269,9 +271,28 @@ cdef class BatchSplitter:
                         acc[i].bytes_ok += sum(PyBytes_GET_SIZE(h) for h in (<dict>dead_letters[i]).values()) \
                             - len(bad[0]) * acc[i].hdr_len
                     if bad is not None and not acc[i].dead_letter:
+                        acc[i].n_ok -= len(bad[0])
+                    pf = versions[i].personal
+                    if pf is not None and acc[i].n_ok:
+                        sealed = _personal_part(b, start, ne, i, acc, ring, self, now_ms, <PersonalFields>pf)
+                        if type(sealed) is list:  # keys not cached yet: the whole part waits
+                            if bad is not None and not acc[i].dead_letter:
+                                results.append((i, C_STATUS_REJECTED, C_REASON_SCHEMA_VIOLATION, len(bad[0]),
+                                                bad[0], None, bad[1]))
+                            if ring.keys is not None and ring.keys.on_missing is not None:
+                                ring.keys.retry_after_ms = ring.keys.on_missing(sealed)
+                            results.append((i, C_STATUS_RETRY_LATER, C_REASON_KEY_UNAVAILABLE, acc[i].n_ok, None,
+                                            None, None))
+                            continue
+                        if sealed is not None:  # events the scan refused join the schema's failures
+                            acc[i].n_ok -= len(<dict>sealed)
+                            if bad is not None:
+                                for k, d in zip(bad[0], bad[1]):
+                                    (<dict>sealed)[k] = d
+                            bad = (sorted(sealed), [(<dict>sealed)[k] for k in sorted(sealed)])
+                    if bad is not None and not acc[i].dead_letter:
                         results.append((i, C_STATUS_REJECTED, C_REASON_SCHEMA_VIOLATION, len(bad[0]), bad[0], None,
                                         bad[1]))
-                        acc[i].n_ok -= len(bad[0])
                         if acc[i].n_ok == 0:
                             continue
                 admitted += acc[i].bytes_ok  # earlier parts of this batch count too
@@ -302,6 +323,8 @@ cdef class BatchSplitter:
         finally:
             for i in range(nt):
                 free(acc[i].mask)
+                free(acc[i].enc)
+                free(acc[i].enc_at)
             free(acc)
 
 
@@ -360,6 +383,9 @@ cdef inline int _write_event(const unsigned char *ev, Py_ssize_t klen, Py_ssize_
         dl = <bytes>(<dict>dead)[k]
         return ring._write(ev, now_ms, <const unsigned char *>PyBytes_AS_STRING(dl), PyBytes_GET_SIZE(dl), 2,
                            C_ENTRY_DEAD_LETTER)
+    if a.enc != NULL:  # personal values sealed: the new payload
+        return ring._write(ev, now_ms, <const unsigned char *>PyBytes_AS_STRING(<object>a.hdr), a.hdr_len, 1, 0,
+                           a.enc + a.enc_at[2 * k], a.enc_at[2 * k + 1])
     return ring._write(ev, now_ms, <const unsigned char *>PyBytes_AS_STRING(<object>a.hdr), a.hdr_len, 1)
 
 

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from eventbroker import __version__
-from eventbroker.cli import bench, produce, schema, serve, spool, status, tail, token
+from eventbroker.cli import bench, keys, produce, schema, serve, spool, status, tail, token
 from eventbroker.cli.base import global_options
 from eventbroker.errors import ConfigError, EventBrokerError
 from eventbroker.kafka.errors import KafkaConnectionError, KafkaError
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"eventbroker {__version__}")
     global_options(p, defaults=True)
     sub = p.add_subparsers(dest="command", required=True)
-    for command in (serve, produce, schema, token, tail, spool, status, bench):
+    for command in (serve, produce, schema, token, tail, keys, spool, status, bench):
         command.add_parser(sub)
     return p
 

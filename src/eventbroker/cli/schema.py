@@ -43,6 +43,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{name}: {len(ts.versions)} version{'s' if len(ts.versions) != 1 else ''} "
                   f"(latest v{ts.latest}), {et.compatibility}, invalid events "
                   + (f"to the dead-letter topic {et.dead_letter_topic}" if et.dead_letter else "rejected"))
+            latest = ts.versions[ts.latest].personal_fields
+            if latest is not None:
+                print(f"  personal (sealed under the key of {latest.user_field}, v{ts.latest}): "
+                      + ", ".join(latest.fields))
     print("ok")
     return 0
 

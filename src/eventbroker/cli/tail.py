@@ -13,7 +13,9 @@ from eventbroker.config import DEFAULT_EMBEDDED_PORT, load_config, resolve_types
 from eventbroker.errors import UsageError
 from eventbroker.kafka.errors import KafkaConnectionError
 from eventbroker.kafka.reader import open_topic
+from eventbroker.privacy import Decryptor
 from eventbroker.protocol import HEADER_ERROR, HEADER_EVENT_ID, HEADER_EVENT_TYPE, HEADER_SCHEMA_VERSION
+from eventbroker.schema import load_registry
 
 log = logging.getLogger("eventbroker")
 
@@ -31,6 +33,7 @@ async def _tail(args: argparse.Namespace) -> int:
         topic = types[args.type].topic if args.type in types else f"events.{args.type}"
     if args.type not in types:
         log.warning("type %r is not in the config; reading topic %s", args.type, topic)
+    opener = _Opener(cfg, types, args.type) if args.decrypt else None
     bootstrap = args.kafka or cfg.kafka.bootstrap_servers or f"127.0.0.1:{cfg.kafka.embedded_port}"
     try:
         consumer, exists = await open_topic(cfg.kafka, bootstrap, topic, from_start=not args.new_only)
@@ -57,10 +60,12 @@ async def _tail(args: argparse.Namespace) -> int:
                 continue
             idle_ms = 0
             for tp in sorted(batch):
-                for m in batch[tp]:
+                opened = opener.open(batch[tp]) if opener is not None else None
+                for i, m in enumerate(batch[tp]):
                     headers = dict(m.headers or ())
                     if args.payload_only:
-                        out.write(m.value.decode("utf-8", "replace") + "\n")
+                        out.write((orjson.dumps(opened[i][0]).decode() if opened is not None
+                                   else m.value.decode("utf-8", "replace")) + "\n")
                     else:
                         rec = {
                             "partition": m.partition,
@@ -69,8 +74,10 @@ async def _tail(args: argparse.Namespace) -> int:
                             "type": headers.get(_TYPE, b"").decode("utf-8", "replace"),
                             "timestamp_ms": m.timestamp,
                             "key": m.key.decode("utf-8", "replace") if m.key is not None else None,
-                            "payload": _payload_json(m.value),
+                            "payload": opened[i][0] if opened is not None else _payload_json(m.value),
                         }
+                        if opened is not None and opened[i][1]:
+                            rec["forgotten"] = True  # its user was forgotten: personal fields are null
                         if _SCHEMA in headers:  # types with a schema: the version it was validated against
                             rec["schema_version"] = int(headers[_SCHEMA] or b"0")
                         if _ERROR in headers:  # dead letters: why the schema refused it
@@ -84,7 +91,42 @@ async def _tail(args: argparse.Namespace) -> int:
             out.flush()
     finally:
         await consumer.stop()
+        if opener is not None:
+            opener.close()
     return 0
+
+
+class _Opener:
+    """--decrypt: each fetched batch's personal values opened, the key store asked once per batch."""
+
+    def __init__(self, cfg, types, type_name: str) -> None:
+        if type_name not in types or types[type_name].schema is None:
+            raise UsageError(f"--decrypt: type {type_name!r} has no schema in the config, so no personal fields")
+        self.type_name = type_name
+        self.versions = load_registry(cfg, {type_name: types[type_name]}).types[type_name]
+        self.decryptor = Decryptor.from_config(cfg)
+
+    def open(self, messages) -> list[tuple[object, bool]]:
+        out: list[tuple[object, bool] | None] = [None] * len(messages)
+        groups: dict[int, list[int]] = {}
+        for i, m in enumerate(messages):
+            headers = dict(m.headers or ())
+            sv = self.versions.resolve(int(headers.get(_SCHEMA, b"0") or b"0"))
+            if sv is None or sv.personal_fields is None or _ID not in headers:
+                out[i] = (_payload_json(m.value), False)
+            else:
+                groups.setdefault(sv.number, []).append(i)
+        for number, idxs in groups.items():
+            pf = self.versions.versions[number].personal_fields
+            assert pf is not None
+            events = [(dict(messages[i].headers)[_ID], messages[i].value) for i in idxs]
+            for i, o in zip(idxs, self.decryptor.open_events(self.type_name, pf.user_field, pf.fields, events),
+                            strict=True):
+                out[i] = (o.payload, o.forgotten)
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.decryptor.close()
 
 
 def _payload_json(value: bytes):
@@ -109,6 +151,9 @@ def add_parser(sub) -> None:
     t.add_argument("--max-events", type=int, default=None, help="exit after this many events")
     t.add_argument("--idle-exit-ms", type=int, default=None, help="exit after this long without events")
     t.add_argument("--payload-only", action="store_true", help="print only each payload")
+    t.add_argument("--decrypt", action="store_true",
+                   help="open personal fields with their users' keys ([privacy] key store and KEK); forgotten "
+                   "users' fields print as null with \"forgotten\": true. Without it they print sealed")
     t.add_argument("--dead-letters", action="store_true",
                    help="read the type's dead-letter topic (events its schema refused, with the reason)")
     t.set_defaults(func=cmd_tail)

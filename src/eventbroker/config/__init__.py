@@ -24,6 +24,7 @@ from eventbroker.config.schema import (
     EventTypeConfig,
     KafkaConfig,
     LimitsConfig,
+    PrivacyConfig,
     SchemasConfig,
     ServerConfig,
     SpoolConfig,
@@ -33,6 +34,6 @@ from eventbroker.config.schema import (
 
 __all__ = [
     "BUILT_IN_DEFAULTS", "DEFAULT_ADMIN_LISTEN", "DEFAULT_EMBEDDED_PORT", "PRIORITY_BUDGET_SHARE", "PRIORITY_ORDER", "AuthConfig",
-    "AuthProducer", "Config", "EventType", "EventTypeConfig", "KafkaConfig", "LimitsConfig", "SchemasConfig", "ServerConfig",
+    "AuthProducer", "Config", "EventType", "EventTypeConfig", "KafkaConfig", "LimitsConfig", "PrivacyConfig", "SchemasConfig", "ServerConfig",
     "SpoolConfig", "TlsConfig", "TypeDefaults", "load_config", "reload_blockers", "resolve_types", "with_overrides",
 ]

@@ -37,6 +37,7 @@ class EventType(Struct, frozen=True, kw_only=True):
     compatibility: Compatibility = "backward"
     on_invalid: OnInvalid = "reject"
     dead_letter_topic: str = ""
+    user_field: str | None = None  # names the user of personal fields when the schema has no x-user
     compression: Compression = "none"
     compression_level: int = 0  # resolved: the codec's default when none was given; 0 for none and snappy
 
@@ -94,6 +95,7 @@ def resolve_types(cfg: Config) -> dict[str, EventType]:
             compatibility=t.compatibility or d.compatibility,
             on_invalid=t.on_invalid or d.on_invalid,
             dead_letter_topic=dead_letter_topic,
+            user_field=t.user_field,
             **_compression(name, t.compression, t.compression_level, d.compression, d.compression_level),
         )
         if et.dead_letter and dead_letter_topic == topic:

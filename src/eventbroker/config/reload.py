@@ -15,6 +15,7 @@ _RESTART_KEYS = {
               "ssl_ca_file", "ssl_cert_file", "ssl_key_file"),
     "spool": ("dir", "fsync", "fsync_interval_ms", "segment_bytes"),
     "tls": ("cert_file", "key_file", "client_ca_file", "client_auth", "min_version"),
+    "privacy": ("key_store", "cache_users", "forget_poll_ms"),  # the KEKs are re-read on reload
 }
 
 

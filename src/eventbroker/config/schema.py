@@ -161,6 +161,34 @@ class SchemasConfig(_Base, frozen=True):
     dir: str = "schemas"
 
 
+class PrivacyConfig(_Base, frozen=True):
+    # Personal fields (x-personal in a schema) are sealed under a data key per
+    # user (docs/privacy.md). The key store every gateway and tool shares:
+    # sqlite:///<path> (a relative path is taken from $STATE_DIRECTORY, else
+    # the current directory, as the spool's) or postgresql://user@host/db.
+    key_store: str = "sqlite:///keys/keys.db"
+    # The key-encryption keys wrapping the data keys: lines "<id> <base64 of
+    # 32 bytes>", the first wraps new keys, the others only unwrap (rotation:
+    # `eventbroker keys rotate`). Read from the environment variable kek_env
+    # when it is set, else from kek_file (relative: as key_store), which a
+    # gateway on a SQLite key store creates on first start.
+    kek_file: str = "keys/kek"
+    kek_env: str = "EVENTBROKER_KEK"
+    # Unwrapped keys a gateway keeps in memory (about 250 bytes each).
+    cache_users: Annotated[int, Meta(ge=1, le=100_000_000)] = 100_000
+    # How often a gateway asks the key store for users forgotten since it last
+    # asked; a forget reaches every gateway within about this time.
+    forget_poll_ms: Annotated[int, Meta(ge=50, le=60_000)] = 1000
+
+    def state_path(self, value: str) -> Path:
+        """A path of this section, a relative one taken from the state directory."""
+        p = Path(value)
+        if not p.is_absolute():
+            state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+            p = Path(state) / p if state else Path.cwd() / p
+        return p
+
+
 class TlsConfig(_Base, frozen=True):
     # Setting cert_file and key_file turns TLS on for the producer listener.
     cert_file: str = ""
@@ -312,6 +340,9 @@ class EventTypeConfig(_Base, frozen=True):
     # eb.error header.
     on_invalid: OnInvalid | None = None
     dead_letter_topic: str | None = None  # default: "events.<type>.invalid"
+    # The payload field naming the user whose key seals the type's personal
+    # fields, when the schema marks none "x-user" (docs/privacy.md).
+    user_field: str | None = None
     # Record batches compressed once per batch in Kafka; the level falls back
     # to [defaults] compression_level only when the codec is the default's.
     compression: Compression | None = None
@@ -323,6 +354,7 @@ class Config(_Base, frozen=True):
     kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     spool: SpoolConfig = msgspec.field(default_factory=SpoolConfig)
     schemas: SchemasConfig = msgspec.field(default_factory=SchemasConfig)
+    privacy: PrivacyConfig = msgspec.field(default_factory=PrivacyConfig)
     tls: TlsConfig = msgspec.field(default_factory=TlsConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)

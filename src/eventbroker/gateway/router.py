@@ -76,7 +76,8 @@ class Router:
     """The registry's rings and lanes, and the native splitter in front of them."""
 
     def __init__(self, types: dict[str, EventType], sink: Sink, kcfg: KafkaConfig, server_cfg: ServerConfig,
-                 lanes: LaneFactory = kafka_lanes, schemas: SchemaRegistry | None = None) -> None:
+                 lanes: LaneFactory = kafka_lanes, schemas: SchemaRegistry | None = None,
+                 keys: fp.UserKeys | None = None) -> None:
         self._splitter = fp.BatchSplitter(
             max_events_per_batch=server_cfg.max_events_per_batch,
             max_event_bytes=server_cfg.max_event_bytes,
@@ -91,6 +92,7 @@ class Router:
         self._sink = sink
         self._make = lanes
         self.schemas = schemas
+        self.keys = keys  # users' data keys, for types with personal fields (eventbroker.privacy)
         # Removed types still delivering what they hold, oldest first (a name
         # removed, added back as a new lane and removed again is here twice).
         self._retiring: list[tuple[Lane, asyncio.Task[None]]] = []
@@ -116,6 +118,7 @@ class Router:
         self.lanes[name] = lane
         self._by_name[lane.ring.name_bytes] = lane
         lane.ring.schemas = self.schemas.get(name) if self.schemas is not None else None
+        lane.ring.keys = self.keys
         self._splitter.add(lane.ring)
 
     # the hot path: once per batch
@@ -152,7 +155,9 @@ class Router:
             counts[key] = counts.get(key, 0) + count
             retry_ms = 0
             if status == Status.RETRY_LATER:
-                if reason in _TYPE_UNAVAILABLE and lane is not None:
+                if reason == Reason.KEY_UNAVAILABLE:  # the key cache's estimate of its load
+                    retry_ms = self.keys.retry_after_ms if self.keys is not None else 1000
+                elif reason in _TYPE_UNAVAILABLE and lane is not None:
                     retry_ms = lane.retry_after_ms
                 else:
                     retry_ms = _OVERLOADED_RETRY_MS
@@ -160,6 +165,12 @@ class Router:
                         reason = Reason.SHUTTING_DOWN
             answers.append(AckEntry(ti, status, reason, count, retry_ms, tuple(indices or ()), tuple(details or ())))
         return Ingested(seq, answers, accepted, encoded, n_encoded)
+
+    def set_keys(self, keys: fp.UserKeys | None) -> None:
+        """Give every type the key cache (a reload that adds the first personal fields)."""
+        self.keys = keys
+        for lane in self.lanes.values():
+            lane.ring.keys = keys
 
     def shed_all(self, why: str) -> None:
         """Hand back everything every type holds (after a bug while accepting a

@@ -22,7 +22,7 @@ from eventbroker.config import (
     resolve_types,
     with_overrides,
 )
-from eventbroker.errors import ConfigError, SchemaError, SpoolError, SpoolLocked
+from eventbroker.errors import ConfigError, KeyStoreError, SchemaError, SpoolError, SpoolLocked
 from eventbroker.gateway.router import Router
 from eventbroker.gateway.server import IngestServer
 from eventbroker.kafka.embedded import EmbeddedKafka
@@ -32,6 +32,7 @@ from eventbroker.ops.addresses import ADMIN, PRODUCERS, PortLock, bind_failed
 from eventbroker.ops.admin_http import AdminServer, Handler
 from eventbroker.ops.logs import plural
 from eventbroker.ops.metrics import DaemonMetrics
+from eventbroker.privacy import KeyCache, load_keks, open_key_cache
 from eventbroker.protocol import parse_host_port
 from eventbroker.schema import load_registry
 from eventbroker.security.policy import Security
@@ -83,7 +84,8 @@ class Daemon:
         self.router: Router | None = None
         self.server: IngestServer | None = None
         self.security = Security(cfg.tls, cfg.auth, cfg.limits, self.types)
-        self.metrics = DaemonMetrics(lambda: (self.router, self.server))
+        self.keys: KeyCache | None = None  # users' data keys, when some type has personal fields
+        self.metrics = DaemonMetrics(lambda: (self.router, self.server), lambda: self.keys)
         self.lanes: SpoolLanes | None = None
         self.admin: AdminServer | None = None
         self.control: AdminServer | None = None
@@ -133,6 +135,8 @@ class Daemon:
                 log.warning("Kafka unreachable at start (%r): spooled types are acknowledged from the spool, "
                             "the others answered retry-later, until it answers", e)
                 self._sink_task = asyncio.get_running_loop().create_task(self.sink.start_when_reachable(self.types))
+            if self.schemas.has_personal:
+                await self._open_keys(self.cfg)
             self.router = self._make_router()
             self.metrics.attach(self.router.lanes)
             self.router.start()
@@ -167,7 +171,8 @@ class Daemon:
             provider = self._spool_slot if self.worker_index is not None else None
             self.lanes = SpoolLanes(cfg.spool, root_provider=provider)
             try:
-                return Router(self.types, self.sink, cfg.kafka, cfg.server, self.lanes, self.schemas)
+                return Router(self.types, self.sink, cfg.kafka, cfg.server, self.lanes, self.schemas,
+                              self.keys.native if self.keys is not None else None)
             except SpoolLocked as e:
                 # A type directory of the free slot is held by someone else
                 # (`spool replay`, a daemon of an older layout): next slot.
@@ -177,6 +182,14 @@ class Daemon:
                 os.close(self._slot_fd)
                 self._slot_fd = -1
                 self._skip_slots.add(self._slot_index)
+
+    async def _open_keys(self, cfg: Config) -> None:
+        """The key cache (a KeyStoreError or ConfigError refuses the start, or the
+        reload, naming the store or the KEK file)."""
+        keys = await asyncio.get_running_loop().run_in_executor(None, open_key_cache, cfg)
+        await keys.start()
+        self.keys = keys
+        log.info("personal fields are sealed with users' keys from %s", keys.store.uri)
 
     def _spool_slot(self) -> Path:
         """Workers share spool.dir: each holds the first free slot directory for
@@ -280,6 +293,21 @@ class Daemon:
             log.error("%s", msg)
             return False, msg
         assert self.router is not None and self.server is not None
+        if schemas.has_personal and self.keys is None:
+            try:
+                await self._open_keys(new)
+            except (ConfigError, KeyStoreError) as e:
+                msg = f"config reload refused, the running config stays in force: {e}"
+                log.error("%s", msg)
+                return False, msg
+            self.router.set_keys(self.keys.native if self.keys is not None else None)
+        elif self.keys is not None:
+            try:  # KEK rotation: a new KEK added, or made the one that wraps
+                self.keys.keks = load_keks(new.privacy)
+            except ConfigError as e:
+                msg = f"config reload refused, the running config stays in force: {e}"
+                log.error("%s", msg)
+                return False, msg
         if self.lanes is not None:
             self.lanes.cfg = new.spool  # spooled types added by this reload
         try:
@@ -320,6 +348,8 @@ class Daemon:
                 log.warning("drain deadline passed with %d bytes of unacknowledged events; producers resend them", left)
         if self.server is not None:
             await self.server.close()
+        if self.keys is not None:
+            await self.keys.stop()
         for admin in (self.admin, self.control):
             if admin is not None:
                 await admin.close()

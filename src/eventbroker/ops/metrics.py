@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from eventbroker.gateway.lane import Lane, LaneState
 from eventbroker.gateway.router import Router
 from eventbroker.gateway.server import IngestServer
+from eventbroker.privacy import KeyCache
 from eventbroker.protocol import error_name, reason_name
 from eventbroker.schema import SchemaRegistry
 
@@ -31,7 +32,7 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 
 class DaemonMetrics:
-    def __init__(self, sources: Sources) -> None:
+    def __init__(self, sources: Sources, keys: Callable[[], KeyCache | None] = lambda: None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.produce_seconds = Histogram(
             "eventbroker_kafka_produce_seconds", "Time of one produce request to Kafka, by event type",
@@ -40,7 +41,7 @@ class DaemonMetrics:
             "eventbroker_ack_seconds",
             "Time from a batch part's arrival to its persisted acknowledgement, by event type",
             ["type"], buckets=_LATENCY_BUCKETS, registry=self.registry)
-        self.registry.register(_DaemonCollector(sources))
+        self.registry.register(_DaemonCollector(sources, keys))
 
     def attach(self, lanes: Mapping[str, Lane]) -> None:
         """Give each lane its histogram children (looked up once, not per observation)."""
@@ -52,8 +53,9 @@ class DaemonMetrics:
 
 
 class _DaemonCollector(Collector):
-    def __init__(self, sources: Sources) -> None:
+    def __init__(self, sources: Sources, keys: Callable[[], KeyCache | None]) -> None:
         self._sources = sources
+        self._keys = keys
 
     def collect(self):
         router, server = self._sources()
@@ -127,6 +129,9 @@ class _DaemonCollector(Collector):
             yield retry
             if router.schemas is not None:
                 yield from _schema_metrics(router.schemas)
+        cache = self._keys()
+        if cache is not None:
+            yield from _privacy_metrics(cache)
         if server is not None:
             st = server.stats
             conns = GaugeMetricFamily("eventbroker_connections", "Open producer connections")
@@ -196,3 +201,33 @@ def _schema_metrics(registry: SchemaRegistry):
             invalid.add_metric([tname, str(version), rule], n)
     yield validated
     yield invalid
+
+
+def _privacy_metrics(cache: KeyCache):
+    """The key cache: users held, key-store loads, forgets applied (no user ids: they are personal)."""
+    st, native = cache.stats, cache.native
+    for name, help_, value, kind in (
+        ("eventbroker_privacy_cached_users", "Users whose data key (or forgotten mark) this gateway holds",
+         cache.cached_users, GaugeMetricFamily),
+        ("eventbroker_privacy_values_sealed", "Personal values sealed under their user's key", native.encrypted,
+         CounterMetricFamily),
+        ("eventbroker_privacy_values_shredded", "Personal values of forgotten users written as the forgotten "
+         "marker", native.shredded, CounterMetricFamily),
+        ("eventbroker_privacy_parts_waiting_for_keys", "Batch parts answered retry-later key_unavailable",
+         native.parts_waiting, CounterMetricFamily),
+        ("eventbroker_privacy_key_loads", "Calls to the key store for users not cached", st.loads,
+         CounterMetricFamily),
+        ("eventbroker_privacy_users_loaded", "Users loaded from the key store", st.users_loaded, CounterMetricFamily),
+        ("eventbroker_privacy_key_load_seconds", "Time spent in key-store loads", st.load_seconds,
+         CounterMetricFamily),
+        ("eventbroker_privacy_key_load_errors", "Key-store loads that failed", st.load_errors, CounterMetricFamily),
+        ("eventbroker_privacy_evicted_users", "Users dropped from the cache to keep it within cache_users",
+         st.evicted, CounterMetricFamily),
+        ("eventbroker_privacy_forgets_applied", "Forgotten users whose key this gateway dropped",
+         st.forgets_applied, CounterMetricFamily),
+        ("eventbroker_privacy_forget_poll_timestamp_seconds", "When this gateway last asked the key store who "
+         "was forgotten (unix time)", st.last_forget_poll, GaugeMetricFamily),
+    ):
+        m = kind(name, help_)
+        m.add_metric([], value)
+        yield m

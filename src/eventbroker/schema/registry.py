@@ -25,6 +25,7 @@ from eventbroker.protocol import MAX_DETAIL_BYTES, utf8_prefix
 from eventbroker.schema.compat import check_chain
 from eventbroker.schema.compile import flat_schema
 from eventbroker.schema.model import Version, read_versions
+from eventbroker.schema.personal import Personal, check_personal_chain, personal_fields
 from eventbroker.schema.validate import RULES, BatchValidator, Failure
 
 
@@ -39,7 +40,8 @@ class SchemaStats:
 class SchemaVersion:
     """One version of a type, compiled; what the splitter calls per part."""
 
-    __slots__ = ("number", "header", "dead_letter", "validator", "flat", "stats", "version")
+    __slots__ = ("number", "header", "dead_letter", "validator", "flat", "stats", "version", "personal",
+                 "personal_fields")
 
     def __init__(self, etype: EventType, version: Version, stats: SchemaStats) -> None:
         self.number = version.number
@@ -49,6 +51,10 @@ class SchemaVersion:
         self.validator = BatchValidator(version.root, f"{etype.name} v{version.number}")
         self.flat = flat_schema(version.root)  # the native accept-path, for flat closed schemas
         self.stats = stats
+        # Personal fields sealed by the splitter (personal.pxi), or None.
+        self.personal_fields: Personal | None = personal_fields(version, etype.user_field)
+        self.personal = fp.PersonalFields(etype.name, self.personal_fields.user_field,
+                                          self.personal_fields.fields) if self.personal_fields else None
 
     def check(self, buf: bytearray, seps: Any, n: int) -> list[Failure] | None:
         return self.validator.check(buf, seps, n)
@@ -68,13 +74,14 @@ class SchemaVersion:
 class TypeSchemas:
     """A type's versions; version 0 in ``resolve`` means the latest."""
 
-    __slots__ = ("etype", "versions", "latest")
+    __slots__ = ("etype", "versions", "latest", "has_personal")
 
     def __init__(self, etype: EventType, versions: dict[int, Version], stats: dict[tuple[str, int], SchemaStats]):
         self.etype = etype
         self.versions = {n: SchemaVersion(etype, v, stats.setdefault((etype.name, n), SchemaStats()))
                          for n, v in versions.items()}
         self.latest = max(versions)
+        self.has_personal = any(sv.personal is not None for sv in self.versions.values())
 
     def resolve(self, number: int) -> SchemaVersion | None:
         return self.versions.get(number or self.latest)
@@ -92,6 +99,11 @@ class SchemaRegistry:
     def get(self, name: str) -> TypeSchemas | None:
         return self.types.get(name)
 
+    @property
+    def has_personal(self) -> bool:
+        """Whether some type has personal fields (the gateway then needs its key store)."""
+        return any(ts.has_personal for ts in self.types.values())
+
 
 def schemas_dir(cfg: Config) -> Path:
     return Path(cfg.schemas.dir)
@@ -102,6 +114,10 @@ def load_versions(cfg: Config, etype: EventType) -> dict[int, Version]:
     assert etype.schema is not None
     versions = read_versions(schemas_dir(cfg), etype.schema)
     problems = check_chain(etype.name, versions, etype.compatibility)
+    problems += check_personal_chain(etype.name, versions, etype.user_field)
+    if etype.dead_letter and any(personal_fields(v, etype.user_field) for v in versions.values()):
+        problems.append("a type with personal fields cannot dead-letter invalid events (their personal values "
+                        "could not be found to seal): set on_invalid = \"reject\"")
     if problems:
         raise SchemaError(f"{schemas_dir(cfg) / etype.schema}: " + "; ".join(problems))
     return versions

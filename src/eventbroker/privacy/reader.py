@@ -1,0 +1,119 @@
+"""Reading sealed personal values back, for those allowed (``tail --decrypt``, analysts).
+
+``Decryptor`` asks the key store once per batch for the distinct users in it
+(never per event), unwraps their keys with the KEK ring, and opens each
+sealed value. A forgotten user (no key any more, or a value shredded at the
+edge) comes back as None with a marker (``forgotten``), never as an error
+that stops a job; a value that is not a sealed one or does not open (tampered
+with, moved from another event) raises ``KeyStoreError``.
+
+    dec = Decryptor.from_config(cfg)
+    table = dec.open_table(table, "play", ["client_ip"], user_column="user")
+
+``open_table`` takes a PyArrow table with the event id (16 bytes), the user
+and the sealed columns (what a lake table of the type holds) and returns it
+with those columns opened and a boolean column ``eb_forgotten``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import orjson
+
+from eventbroker.config import Config, PrivacyConfig
+from eventbroker.errors import UsageError
+from eventbroker.privacy.crypto import CIPHER_PREFIX, KekRing, load_keks, open_value
+from eventbroker.privacy.store import KeyStore, open_store
+
+FORGOTTEN_COLUMN = "eb_forgotten"
+
+
+class Opened(NamedTuple):
+    payload: Any  # the event's JSON with its personal values opened (None where forgotten)
+    forgotten: bool  # its user's personal values could not be opened: the user was forgotten
+
+
+def user_id(value: Any) -> str:
+    """A user field's value as the key store names it (the gateway keys on the JSON text of an integer)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise UsageError(f"a user id is a string or an integer, not {type(value).__name__}")
+    return value if isinstance(value, str) else str(value)
+
+
+class Decryptor:
+    def __init__(self, store: KeyStore, keks: KekRing) -> None:
+        self.store = store
+        self.keks = keks
+
+    @classmethod
+    def from_config(cls, cfg: Config | PrivacyConfig) -> Decryptor:
+        p = cfg.privacy if isinstance(cfg, Config) else cfg
+        return cls(open_store(p), load_keks(p))
+
+    def close(self) -> None:
+        self.store.close()
+
+    def keys_for(self, users: Iterable[str]) -> dict[str, bytes | None]:
+        """The users' data keys, in one store call; None for a forgotten (or never seen) user."""
+        wanted = sorted(set(users))
+        stored = self.store.fetch(wanted) if wanted else {}
+        return {u: (self.keks.unwrap(u, sk) if (sk := stored.get(u)) is not None else None) for u in wanted}
+
+    def open_events(self, type_name: str, user_field: str, fields: Sequence[str],
+                    events: Sequence[tuple[bytes, bytes]]) -> list[Opened]:
+        """(event id, payload JSON) pairs of one type, opened; keys fetched once for the batch."""
+        docs = [orjson.loads(p) for _, p in events]
+        keys = self.keys_for(user_id(d[user_field]) for d in docs if isinstance(d, dict) and user_field in d)
+        out = []
+        for (eid, _), doc in zip(events, docs, strict=True):
+            if not isinstance(doc, dict) or user_field not in doc:
+                out.append(Opened(doc, False))
+                continue
+            key = keys.get(user_id(doc[user_field]))
+            forgotten = False
+            for f in fields:
+                v = doc.get(f)
+                if isinstance(v, str) and v.startswith(CIPHER_PREFIX.decode()):
+                    text = open_value(key, type_name, f, eid, v)
+                    if text is None:
+                        forgotten = True
+                        doc[f] = None
+                    else:
+                        doc[f] = orjson.loads(text)
+            out.append(Opened(doc, forgotten))
+        return out
+
+    def open_table(self, table: Any, type_name: str, fields: Sequence[str], *, user_column: str,
+                   id_column: str = "event_id") -> Any:
+        """A PyArrow table with ``fields`` opened (values decoded from their JSON) and ``eb_forgotten`` added."""
+        import pyarrow as pa  # noqa: PLC0415 - optional: only this API needs PyArrow
+
+        for c in (*fields, user_column, id_column):
+            if c not in table.column_names:
+                raise UsageError(f"the table has no column {c!r} (it has {', '.join(table.column_names)})")
+        users = [None if u is None else user_id(u) for u in table.column(user_column).to_pylist()]
+        ids = table.column(id_column).to_pylist()
+        keys = self.keys_for(u for u in users if u is not None)
+        forgotten = [False] * table.num_rows
+        prefix = CIPHER_PREFIX.decode()
+        for f in fields:
+            values = table.column(f).to_pylist()
+            opened: list[Any] = []
+            for i, v in enumerate(values):
+                u = users[i]
+                if isinstance(v, str) and v.startswith(prefix) and u is not None:
+                    text = open_value(keys.get(u), type_name, f, ids[i], v)
+                    if text is None:
+                        forgotten[i] = True
+                        opened.append(None)
+                    else:
+                        opened.append(orjson.loads(text))
+                else:
+                    opened.append(v)
+            table = table.set_column(table.column_names.index(f), f, pa.array(opened))
+        if FORGOTTEN_COLUMN in table.column_names:
+            table = table.drop_columns([FORGOTTEN_COLUMN])
+        return table.append_column(FORGOTTEN_COLUMN, pa.array(forgotten, pa.bool_()))
+
