@@ -648,6 +648,9 @@ def machine_info() -> dict:
 
     try:
         commit = sp.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+        if sp.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE, capture_output=True,
+                  text=True).stdout.strip():
+            commit += "+changes"  # figures of a tree that differs from the commit
     except OSError:
         commit = ""
     cpu = ""

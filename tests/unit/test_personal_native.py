@@ -209,3 +209,18 @@ def test_sealed_payloads_open_to_the_originals(rows):
             continue
         opened = orjson.loads(_open(keys[doc["user"].encode()], b"client_ip", eid, got["client_ip"]))
         assert {**got, "client_ip": opened} == doc
+
+
+def test_a_cold_cache_answers_retried_parts_before_validating_them():
+    ring, sp, uk, asked = _setup()
+    events = [(os.urandom(16), b'{"user":"a","track":1,"client_ip":"1.1.1.1"}')]
+    _ingest(sp, _batch(events))
+    assert uk.cold and asked == [[b"a"]]
+    ring.schemas.v.failures = [(0, "type", "x")]  # would refuse the event, if it were asked
+    _, _, results, *_ = _ingest(sp, _batch(events))  # still missing: answered by the scan alone
+    assert [(r[1], r[2]) for r in results] == [(Status.RETRY_LATER, Reason.KEY_UNAVAILABLE)]
+    assert asked == [[b"a"], [b"a"]] and uk.parts_waiting == 2
+    ring.schemas.v.failures = None
+    uk.keys[b"a"] = os.urandom(32)
+    _, _, results, *_ = _ingest(sp, _batch(events))
+    assert [r[1] for r in results] == [fp.STATUS_ACCEPTED] and not uk.cold

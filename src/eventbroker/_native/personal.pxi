@@ -136,11 +136,15 @@ cdef class UserKeys:
     cdef readonly unsigned long long encrypted   # personal values encrypted
     cdef readonly unsigned long long shredded    # values of forgotten users written as the marker
     cdef readonly unsigned long long parts_waiting  # parts answered key_unavailable
+    # A part lacked keys lately: look keys up before validating the next parts,
+    # so a cold cache's retried parts cost a scan, not a validation too.
+    cdef public bint cold
 
     def __init__(self, on_missing=None):
         self.keys = {}
         self.on_missing = on_missing
         self.retry_after_ms = 1000
+        self.cold = False
 
 
 cdef inline Py_ssize_t _skip_string(const unsigned char *p, Py_ssize_t i, Py_ssize_t n, bint *escaped):
@@ -459,7 +463,9 @@ cdef object _personal_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t 
             j += 1
         if missing is not None:
             uk.parts_waiting += 1
+            uk.cold = True
             return missing
+        uk.cold = False
         if refused is not None and n - len(refused) == 0:
             return refused
         # Phase 2: write each event's payload with its personal values sealed.
@@ -522,3 +528,39 @@ cdef object _personal_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t 
         free(sp_at)
         free(nonces)
         free(scratch)
+
+
+cdef list _personal_missing(const unsigned char *b, Py_ssize_t start, Py_ssize_t ne, Py_ssize_t ti, TypeRing ring,
+                            BatchSplitter splitter, int64_t now_ms, PersonalFields pf):
+    """While the cache is cold: the users of type index ``ti``'s events whose
+    keys are not cached (None when all are), found by a scan alone, before the
+    part is validated. Events the scan cannot read are left to validation."""
+    cdef UserKeys uk = ring.keys
+    cdef Py_ssize_t pos = start, i, klen, vlen, ns, us, ue
+    cdef const unsigned char *ev
+    cdef const unsigned char *pl
+    cdef uint32_t spans[3 * MAX_SPANS]
+    cdef list missing = None
+    cdef set seen = set()
+    cdef bytes uid
+    for i in range(ne):
+        ev = b + pos
+        klen = eb_ld16(ev + 2)
+        vlen = eb_ld32(ev + 4)
+        pos += C_EVENT_HEADER_BYTES + klen + vlen
+        if eb_ld16(ev) != ti or _event_reason(ev, klen, vlen, ring, splitter, now_ms):
+            continue
+        pl = ev + C_EVENT_HEADER_BYTES + klen
+        if _scan_personal(pf, pl, vlen, spans, &ns, &us, &ue) != PS_OK:
+            continue
+        uid = PyBytes_FromStringAndSize(<const char *>pl + us, ue - us)
+        if uid in seen:
+            continue
+        seen.add(uid)
+        if PyDict_GetItem(uk.keys, uid) == NULL:
+            if missing is None:
+                missing = []
+            missing.append(uid)
+    if missing is not None:
+        uk.parts_waiting += 1
+    return missing

@@ -264,6 +264,15 @@ cdef class BatchSplitter:
                     results.append((i, C_STATUS_RETRY_LATER, C_REASON_OVERLOADED, acc[i].n_ok, None, None, None))
                     continue
                 if versions is not None and versions[i] is not None:
+                    pf = versions[i].personal
+                    if pf is not None and ring.keys is not None and (<UserKeys>ring.keys).cold:
+                        cold_missing = _personal_missing(b, start, ne, i, ring, self, now_ms, <PersonalFields>pf)
+                        if cold_missing is not None:
+                            if ring.keys.on_missing is not None:
+                                ring.keys.retry_after_ms = ring.keys.on_missing(cold_missing)
+                            results.append((i, C_STATUS_RETRY_LATER, C_REASON_KEY_UNAVAILABLE, acc[i].n_ok, None,
+                                            None, None))
+                            continue
                     if dead_letters is None:
                         dead_letters = [None] * nt
                     bad = _validate_part(b, start, ne, i, acc, ring, self, now_ms, versions[i], dead_letters)
@@ -272,7 +281,6 @@ cdef class BatchSplitter:
                             - len(bad[0]) * acc[i].hdr_len
                     if bad is not None and not acc[i].dead_letter:
                         acc[i].n_ok -= len(bad[0])
-                    pf = versions[i].personal
                     if pf is not None and acc[i].n_ok:
                         sealed = _personal_part(b, start, ne, i, acc, ring, self, now_ms, <PersonalFields>pf)
                         if type(sealed) is list:  # keys not cached yet: the whole part waits
