@@ -729,7 +729,8 @@ def run_full(b: Bench) -> dict:
             runs.extend(b.schema(n))
             tick("schema")
         if "privacy" in a.scenarios:
-            runs.extend(b.privacy(n))
+            for r in range(a.privacy_rounds):  # the summary takes the median of the rounds
+                runs.extend({**run, "round": r} for run in b.privacy(n))
             tick("privacy")
         if "sdk" in a.scenarios:
             runs.extend(b.sdk(n))
@@ -771,8 +772,13 @@ def summarize(runs: list[dict]) -> dict:
         "sdk_produce_client_plus_gateway_us_per_event": med("e2e-sdk", "client_plus_gateway_us_per_event"),
         "direct_librdkafka_keys_headers_client_us_per_event": med("direct-librdkafka-keys-headers",
                                                                   "client_us_per_event"),
+        "privacy_none_daemon_us_per_event": med("e2e-privacy-none", "daemon_us_per_event"),
+        "privacy_warm_daemon_us_per_event": med("e2e-privacy-warm", "daemon_us_per_event"),
         "privacy_warm_daemon_us_per_event_over_none": med("e2e-privacy-warm", "daemon_us_per_event_over_none"),
         "privacy_cold_daemon_us_per_event_over_none": med("e2e-privacy-cold", "daemon_us_per_event_over_none"),
+        "privacy_cold_seconds": med("e2e-privacy-cold", "seconds"),
+        "privacy_cold_existing_seconds": med("e2e-privacy-cold-existing", "seconds"),
+        "privacy_forget_propagation_ms": med("e2e-privacy-warm", "forget_propagation_ms"),
         "events_lost": sum(r.get("events_lost", 0) for r in runs),
     }
     if s["e2e_daemon_us_per_event"] and s["direct_librdkafka_client_us_per_event"]:
@@ -801,6 +807,7 @@ def main(argv: list[str] | None = None) -> int:
                     "decides topics (events.<type> assumed for verification) and sink")
     ap.add_argument("--server-pid", type=int, help="pid of the --server daemon, for its CPU figures")
     ap.add_argument("--types", default=DEFAULT_TYPES, help="event types, comma separated (sent round-robin)")
+    ap.add_argument("--privacy-rounds", type=int, default=3, help="privacy scenario: times to run it")
     ap.add_argument("--linger-ms", type=int, help="the daemon's [kafka] linger_ms (default: its default)")
     ap.add_argument("--sdk-latency-fractions", default="0.5",
                     help="sdk scenario: ack latency at these fractions of the produce() rate (comma separated)")

@@ -34,7 +34,7 @@ def test_bench_privacy_scenario_seals_every_value_and_loses_nothing(kafka_bootst
     out = tmp_path / "privacy.json"
     r = subprocess.run(
         [sys.executable, "-m", "eventbroker.cli", "bench", "--scenarios", "privacy", "--rounds", "0", "--events",
-         "40000", "--kafka", kafka_bootstrap, "--output", str(out)],
+         "40000", "--privacy-rounds", "1", "--kafka", kafka_bootstrap, "--output", str(out)],
         capture_output=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr.decode()[-3000:]
