@@ -137,3 +137,52 @@ def test_sdk_batch_encode(benchmark, size):
 
     benchmark(run)
     _per_event(benchmark, n)
+
+
+@pytest.mark.parametrize("personal", [False, True], ids=["nothing-personal", "two-personal-fields"])
+def test_personal_fields_sealed_in_the_splitter(benchmark, personal, tmp_path):
+    """The privacy scenario's events (loadgen json10p: 100,000 users, two personal
+    fields) split into a ring with their schema: against schemas/plain, or
+    schemas/private with every user's key cached (the warm gateway). The
+    difference is what sealing costs per event in the splitter alone."""
+    import os
+    import sys
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    sys.path.insert(0, str(here))
+    from loadgen import json10p_for
+
+    from eventbroker.config import Config, EventTypeConfig, SchemasConfig, resolve_types
+    from eventbroker.schema import load_registry
+
+    name = "private" if personal else "plain"
+    cfg = Config(schemas=SchemasConfig(dir=str(here / "schemas")), types={"t": EventTypeConfig(schema=name)})
+    ring = fp.TypeRing("t", capacity_bytes=1 << 30, max_event_bytes=1 << 16)
+    ring.schemas = load_registry(cfg, resolve_types(cfg)).get("t")
+    keys = fp.UserKeys()
+    keys.keys.update((b"u%06d" % u, os.urandom(32)) for u in range(100_000))
+    ring.keys = keys
+    splitter = fp.BatchSplitter(max_events_per_batch=10_000, max_event_bytes=1 << 16)
+    splitter.add(ring)
+    frames = []
+    for b in range(50):
+        enc = fp.BatchEncoder()
+        for i in range(2000):
+            idx = b * 2000 + i
+            enc.add(b"t", struct.pack(">QQ", 7, idx + 1), 1_700_000_000_000, None, json10p_for(idx * 7))
+        frames.append(enc.finish(b + 1))
+    reader = fp.FrameReader(MAX_FRAME)
+    now = 1_700_000_000_000
+
+    def run():
+        for f in frames:
+            reader.feed(f)
+            reader.next_frame()
+            res = splitter.ingest_answering(reader, now, None)
+            assert res[2][0][3] == 2000
+            ring.discard_all()
+
+    benchmark.pedantic(run, rounds=5, iterations=1)
+    _per_event(benchmark, 100_000)
+    benchmark.extra_info["values_sealed"] = keys.encrypted
