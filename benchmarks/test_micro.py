@@ -151,10 +151,9 @@ def test_personal_fields_sealed_in_the_splitter(benchmark, personal, tmp_path):
 
     here = Path(__file__).resolve().parent
     sys.path.insert(0, str(here))
-    from loadgen import json10p_for
-
     from eventbroker.config import Config, EventTypeConfig, SchemasConfig, resolve_types
     from eventbroker.schema import load_registry
+    from loadgen import json10p_for
 
     name = "private" if personal else "plain"
     cfg = Config(schemas=SchemasConfig(dir=str(here / "schemas")), types={"t": EventTypeConfig(schema=name)})

@@ -23,7 +23,7 @@ from eventbroker.client import EventRejected, Producer
 from eventbroker.config import PrivacyConfig, SpoolConfig
 from eventbroker.kafka.embedded import free_port, wait_for_port
 from eventbroker.ops.admin_http import http_request
-from eventbroker.privacy import Decryptor, forget
+from eventbroker.privacy import Decryptor, open_store
 
 
 def _serve_verbose(conf: Path, port: int, log) -> subprocess.Popen:
@@ -53,7 +53,8 @@ async def test_personal_values_appear_nowhere_the_system_wrote(kafka_bootstrap, 
     assert isinstance(cfg.spool, SpoolConfig)
     conf = tmp_path / "eb.toml"
     conf.write_bytes(msgspec.toml.encode(cfg))
-    forget(cfg, "gone")  # a user forgotten before any of their events arrive
+    with open_store(privacy) as store:  # made before the gateway starts: the user was forgotten first
+        store.forget("gone")
     log_path = tmp_path / "serve.log"
     details: list[str] = []
     with log_path.open("wb") as log:

@@ -9,9 +9,10 @@ import os
 
 import pytest
 
+from eventbroker import _fastpath as fp
 from eventbroker.config import PrivacyConfig
 from eventbroker.errors import ConfigError, KeyStoreError
-from eventbroker.privacy import KekRing, KeyCache, load_keks
+from eventbroker.privacy import Decryptor, KekRing, KeyCache, load_keks, open_store
 from eventbroker.privacy.crypto import Kek
 from eventbroker.privacy.store import open_key_store
 
@@ -131,3 +132,30 @@ def test_kek_files_are_checked_and_made_private(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not base64 of 32 bytes") as e:
         load_keks(cfg)
     assert secret not in str(e.value)  # key material is never echoed
+
+
+def test_readers_refuse_a_missing_store_and_users_it_never_saw(tmp_path, monkeypatch):
+    monkeypatch.delenv("EVENTBROKER_KEK", raising=False)
+    cfg = PrivacyConfig(key_store=f"sqlite:///{tmp_path}/keys.db", kek_file=str(tmp_path / "kek"))
+    load_keks(cfg, create=True)
+    with pytest.raises(ConfigError, match="no key store at"):  # e.g. a relative path from another folder
+        Decryptor.from_config(cfg)
+    assert not (tmp_path / "keys.db").exists()
+    keks = load_keks(cfg)
+    with open_store(cfg) as store:
+        store.fetch_or_create(["known"], keks.new_key)
+        store.forget("gone")
+        key = keks.unwrap("known", store.fetch(["known"])["known"])
+    eid = os.urandom(16)
+    doc = b'{"user":"%s","ip":%s}'
+    sealed = fp.seal_value(key, b"t", b"ip", eid, b'"1.2.3.4"')
+    dec = Decryptor.from_config(cfg)
+    try:
+        got = dec.open_events("t", "user", ["ip"], [(eid, doc % (b"known", sealed)),
+                                                    (eid, doc % (b"gone", b'"ep1:forgotten"')),
+                                                    (eid, doc % (b"never-sealed", b"null"))])
+        assert [(o.payload["ip"], o.forgotten) for o in got] == [("1.2.3.4", False), (None, True), (None, False)]
+        with pytest.raises(KeyStoreError, match="1 of 1 users with sealed values have no row"):
+            dec.open_events("t", "user", ["ip"], [(eid, doc % (b"stranger", sealed))])
+    finally:
+        dec.close()

@@ -14,7 +14,7 @@ from eventbroker.privacy import load_keks, new_kek_line, open_store
 def cmd_forget(args: argparse.Namespace) -> int:
     cfg = load_config(config_path(args.config))
     out = []
-    store = open_store(cfg.privacy)
+    store = open_store(cfg.privacy, create=False)
     try:
         forgotten = [store.forget(user) for user in args.users]
     finally:
@@ -22,7 +22,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     for f in forgotten:
         out.append({"user": f.user, "had_key": f.existed, "forgotten_at": f.forgotten_at.isoformat()})
         if not args.json:
-            state = "key deleted" if f.existed else "had no key (already forgotten, or never seen)"
+            state = "key deleted" if f.existed else ("had no key (already forgotten, or not seen yet); recorded as "
+                                                     "forgotten: no key will ever be made for this id")
             print(f"forgot {f.user}: {state}, at {f.forgotten_at.isoformat()}; gateways drop it within "
                   f"{cfg.privacy.forget_poll_ms} ms")
     if args.json:
@@ -36,7 +37,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
         print(new_kek_line(args.id))
         return 0
     cfg = load_config(config_path(args.config))
-    store = open_store(cfg.privacy)
+    store = open_store(cfg.privacy, create=False)
     try:
         if args.action == "rotate":
             keks = load_keks(cfg.privacy)

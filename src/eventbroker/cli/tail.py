@@ -100,13 +100,20 @@ class _Opener:
     """--decrypt: each fetched batch's personal values opened, the key store asked once per batch."""
 
     def __init__(self, cfg, types, type_name: str) -> None:
-        if type_name not in types or types[type_name].schema is None:
-            raise UsageError(f"--decrypt: type {type_name!r} has no schema in the config, so no personal fields")
         self.type_name = type_name
+        self.versions = None
+        self.decryptor = None
+        if type_name not in types or types[type_name].schema is None:
+            log.warning("--decrypt: type %r has no schema in the config, so no personal fields: printing the "
+                        "events as they are", type_name)
+            return
         self.versions = load_registry(cfg, {type_name: types[type_name]}).types[type_name]
-        self.decryptor = Decryptor.from_config(cfg)
+        if self.versions.has_personal:
+            self.decryptor = Decryptor.from_config(cfg)
 
     def open(self, messages) -> list[tuple[object, bool]]:
+        if self.versions is None or self.decryptor is None:
+            return [(_payload_json(m.value), False) for m in messages]
         out: list[tuple[object, bool] | None] = [None] * len(messages)
         groups: dict[int, list[int]] = {}
         for i, m in enumerate(messages):
@@ -126,7 +133,8 @@ class _Opener:
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
-        self.decryptor.close()
+        if self.decryptor is not None:
+            self.decryptor.close()
 
 
 def _payload_json(value: bytes):
@@ -153,7 +161,8 @@ def add_parser(sub) -> None:
     t.add_argument("--payload-only", action="store_true", help="print only each payload")
     t.add_argument("--decrypt", action="store_true",
                    help="open personal fields with their users' keys ([privacy] key store and KEK); forgotten "
-                   "users' fields print as null with \"forgotten\": true. Without it they print sealed")
+                   "users' fields print as null with \"forgotten\": true (with --payload-only: null alone). "
+                   "Without it they print sealed")
     t.add_argument("--dead-letters", action="store_true",
                    help="read the type's dead-letter topic (events its schema refused, with the reason)")
     t.set_defaults(func=cmd_tail)

@@ -174,7 +174,7 @@ class PrivacyConfig(_Base, frozen=True):
     # gateway on a SQLite key store creates on first start.
     kek_file: str = "keys/kek"
     kek_env: str = "EVENTBROKER_KEK"
-    # Unwrapped keys a gateway keeps in memory (about 250 bytes each).
+    # Unwrapped keys a gateway keeps in memory (about 160 bytes each).
     cache_users: Annotated[int, Meta(ge=1, le=100_000_000)] = 100_000
     # How often a gateway asks the key store for users forgotten since it last
     # asked; a forget reaches every gateway within about this time.

@@ -293,6 +293,7 @@ class Daemon:
             log.error("%s", msg)
             return False, msg
         assert self.router is not None and self.server is not None
+        kek_change = ""
         if schemas.has_personal and self.keys is None:
             try:
                 await self._open_keys(new)
@@ -303,11 +304,15 @@ class Daemon:
             self.router.set_keys(self.keys.native if self.keys is not None else None)
         elif self.keys is not None:
             try:  # KEK rotation: a new KEK added, or made the one that wraps
-                self.keys.keks = load_keks(new.privacy)
+                keks = load_keks(new.privacy)
             except ConfigError as e:
                 msg = f"config reload refused, the running config stays in force: {e}"
                 log.error("%s", msg)
                 return False, msg
+            if keks.keks != self.keys.keks.keks:
+                kek_change = (f"key-encryption keys re-read: {keks.current.id} wraps, "
+                              f"{', '.join(k.id for k in keks.keks)} unwrap")
+            self.keys.keks = keks
         if self.lanes is not None:
             self.lanes.cfg = new.spool  # spooled types added by this reload
         try:
@@ -325,6 +330,8 @@ class Daemon:
         self.cfg = new
         self.types = resolve_types(new)
         self.schemas = schemas
+        if kek_change:
+            changes.append(kek_change)
         msg = f"config reloaded from {shown}: " + ("; ".join(changes) if changes else "no changes")
         log.info("%s", msg)
         return True, msg

@@ -26,7 +26,7 @@ def open_key_cache(cfg: Config) -> KeyCache:
 def forget(cfg: Config, user: str) -> Forgotten:
     """Delete ``user``'s data key: every personal value sealed under it is unreadable from now on,
     wherever it was copied; gateways drop the key from their caches within ``forget_poll_ms``."""
-    store = open_store(cfg.privacy)
+    store = open_store(cfg.privacy, create=False)
     try:
         return store.forget(user)
     finally:

@@ -23,11 +23,13 @@ from typing import Any, NamedTuple
 import orjson
 
 from eventbroker.config import Config, PrivacyConfig
-from eventbroker.errors import UsageError
-from eventbroker.privacy.crypto import CIPHER_PREFIX, KekRing, load_keks, open_value
+from eventbroker.errors import KeyStoreError, UsageError
+from eventbroker.privacy.crypto import CIPHER_PREFIX, FORGOTTEN_VALUE, KekRing, load_keks, open_value
 from eventbroker.privacy.store import KeyStore, open_store
 
 FORGOTTEN_COLUMN = "eb_forgotten"
+_PREFIX = CIPHER_PREFIX.decode()
+_FORGOTTEN = FORGOTTEN_VALUE.decode()
 
 
 class Opened(NamedTuple):
@@ -42,6 +44,11 @@ def user_id(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def _sealed(value: Any) -> bool:
+    """A value sealed under a key (the forgotten marker needs none)."""
+    return isinstance(value, str) and value.startswith(_PREFIX) and value != _FORGOTTEN
+
+
 class Decryptor:
     def __init__(self, store: KeyStore, keks: KekRing) -> None:
         self.store = store
@@ -50,28 +57,35 @@ class Decryptor:
     @classmethod
     def from_config(cls, cfg: Config | PrivacyConfig) -> Decryptor:
         p = cfg.privacy if isinstance(cfg, Config) else cfg
-        return cls(open_store(p), load_keks(p))
+        return cls(open_store(p, create=False), load_keks(p))
 
     def close(self) -> None:
         self.store.close()
 
     def keys_for(self, users: Iterable[str]) -> dict[str, bytes | None]:
-        """The users' data keys, in one store call; None for a forgotten (or never seen) user."""
+        """The users' data keys, in one store call; None for a forgotten user. A user
+        the store has never heard of raises KeyStoreError: their values were sealed
+        under a key of another store (the wrong ``key_store``), not shredded."""
         wanted = sorted(set(users))
         stored = self.store.fetch(wanted) if wanted else {}
-        return {u: (self.keks.unwrap(u, sk) if (sk := stored.get(u)) is not None else None) for u in wanted}
+        unknown = len(wanted) - len(stored)
+        if unknown:
+            raise KeyStoreError(f"{unknown} of {len(wanted)} users with sealed values have no row in the key store "
+                                f"{self.store.uri} (neither a key nor a forget): is it the store the gateways use?")
+        return {u: (self.keks.unwrap(u, sk) if (sk := stored[u]) is not None else None) for u in wanted}
 
     def open_events(self, type_name: str, user_field: str, fields: Sequence[str],
                     events: Sequence[tuple[bytes, bytes]]) -> list[Opened]:
         """(event id, payload JSON) pairs of one type, opened; keys fetched once for the batch."""
         docs = [orjson.loads(p) for _, p in events]
-        keys = self.keys_for(user_id(d[user_field]) for d in docs if isinstance(d, dict) and user_field in d)
+        keys = self.keys_for(user_id(d[user_field]) for d in docs if isinstance(d, dict) and user_field in d
+                             and any(_sealed(d.get(f)) for f in fields))
         out = []
         for (eid, _), doc in zip(events, docs, strict=True):
             if not isinstance(doc, dict) or user_field not in doc:
                 out.append(Opened(doc, False))
                 continue
-            key = keys.get(user_id(doc[user_field]))
+            key = keys.get(user_id(doc[user_field]))  # absent: only forgotten markers
             forgotten = False
             for f in fields:
                 v = doc.get(f)
@@ -95,16 +109,18 @@ class Decryptor:
                 raise UsageError(f"the table has no column {c!r} (it has {', '.join(table.column_names)})")
         users = [None if u is None else user_id(u) for u in table.column(user_column).to_pylist()]
         ids = table.column(id_column).to_pylist()
-        keys = self.keys_for(u for u in users if u is not None)
+        columns = {f: table.column(f).to_pylist() for f in fields}
+        keys = self.keys_for(u for i, u in enumerate(users)
+                             if u is not None and any(_sealed(columns[f][i]) for f in fields))
         forgotten = [False] * table.num_rows
         prefix = CIPHER_PREFIX.decode()
         for f in fields:
-            values = table.column(f).to_pylist()
+            values = columns[f]
             opened: list[Any] = []
             for i, v in enumerate(values):
                 u = users[i]
                 if isinstance(v, str) and v.startswith(prefix) and u is not None:
-                    text = open_value(keys.get(u), type_name, f, ids[i], v)
+                    text = open_value(keys.get(u) if v != _FORGOTTEN else None, type_name, f, ids[i], v)
                     if text is None:
                         forgotten[i] = True
                         opened.append(None)

@@ -743,7 +743,7 @@ _ACCEPTED = ("sqlite:///relative/path.db (relative to the base directory), sqlit
              "postgresql://user:password@host:port/database (or postgres://...)")
 
 
-def open_key_store(uri: str, base_dir: Path) -> KeyStore:
+def open_key_store(uri: str, base_dir: Path, create: bool = True) -> KeyStore:
     """Open (and create, if need be) the key store at ``uri``:
 
     * ``sqlite:///relative/path.db``: a file relative to ``base_dir``; missing
@@ -754,8 +754,11 @@ def open_key_store(uri: str, base_dir: Path) -> KeyStore:
       connection URI, handed to psycopg (``pip install 'eventbroker[postgres]'``).
 
     Creates the table if it does not exist; two processes may do so at once.
-    A bad URI or a missing driver raises ConfigError; a database that cannot
-    be reached or used raises KeyStoreError."""
+    With ``create`` false (the reading tools), a SQLite file that does not
+    exist is a ConfigError: an empty store opened by mistake (a relative path
+    from another folder) would make every user look forgotten. A bad URI or
+    a missing driver raises ConfigError; a database that cannot be reached or
+    used raises KeyStoreError."""
     if not isinstance(uri, str):
         raise ConfigError(f"a key store URI must be a str, not {type(uri).__name__}")
     scheme, sep, rest = uri.partition("://")
@@ -769,6 +772,10 @@ def open_key_store(uri: str, base_dir: Path) -> KeyStore:
         path = Path(raw)
         if not path.is_absolute():
             path = Path(base_dir) / path
+        if not create and not path.exists():
+            raise ConfigError(f"no key store at {path} (privacy.key_store {_mask_uri(uri)!r}; a relative path is "
+                              "taken from $STATE_DIRECTORY, else the current folder: run from the gateway's folder, "
+                              "or give an absolute path)")
         return SqliteKeyStore(uri, path)
     if sep and scheme in ("postgresql", "postgres"):
         try:
@@ -780,7 +787,8 @@ def open_key_store(uri: str, base_dir: Path) -> KeyStore:
     raise ConfigError(f"key store URI {_mask_uri(uri)!r} is not supported: use {_ACCEPTED}")
 
 
-def open_store(privacy: PrivacyConfig) -> KeyStore:
+def open_store(privacy: PrivacyConfig, create: bool = True) -> KeyStore:
     """The store of a config's ``[privacy]`` section: ``key_store``, a relative
-    SQLite path taken from ``$STATE_DIRECTORY``, else the current directory."""
-    return open_key_store(privacy.key_store, privacy.state_path("."))
+    SQLite path taken from ``$STATE_DIRECTORY``, else the current directory;
+    ``create`` false: a store that is not there is an error (the tools)."""
+    return open_key_store(privacy.key_store, privacy.state_path("."), create)
