@@ -159,3 +159,65 @@ def test_readers_refuse_a_missing_store_and_users_it_never_saw(tmp_path, monkeyp
             dec.open_events("t", "user", ["ip"], [(eid, doc % (b"stranger", sealed))])
     finally:
         dec.close()
+
+
+def _first_start(path: str, n: int) -> list[str]:
+    """In a child process: the KEK ring a gateway reads when it starts, n times."""
+    out = []
+    for i in range(n):
+        cfg = PrivacyConfig(kek_file=f"{path}/{i}/kek")
+        try:
+            out.append(load_keks(cfg, create=True).current.id)
+        except ConfigError as e:
+            out.append(f"error: {e}")
+    return out
+
+
+def test_workers_starting_at_once_all_read_the_one_kek_made(tmp_path, monkeypatch):
+    import multiprocessing
+
+    monkeypatch.delenv("EVENTBROKER_KEK", raising=False)
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(4) as pool:
+        runs = pool.starmap(_first_start, [(str(tmp_path), 60)] * 4)
+    for i in range(60):
+        ids = {r[i] for r in runs}
+        assert len(ids) == 1 and not next(iter(ids)).startswith("error"), (i, ids)
+    assert not list(tmp_path.rglob(".kek-*"))
+
+
+async def test_a_bulk_forget_touches_only_cached_users(tmp_path):
+    c = await _cache(tmp_path, max_users=100)
+    other = open_key_store(f"sqlite:///{tmp_path}/keys.db", tmp_path)
+    try:
+        c._on_missing([b"u%d" % i for i in range(50)])
+        await _until(lambda: c.cached_users == 50)
+        other.fetch_or_create([f"x{i}" for i in range(500)], _keks().new_key)
+        for i in range(500):
+            other.forget(f"x{i}")
+        other.forget("u7")
+        await _until(lambda: c.native.keys[b"u7"] is None, within_s=2)
+        assert c.cached_users == 50 and c.stats.evicted == 0 and c.stats.forgets_applied == 1
+    finally:
+        other.close()
+        await c.stop()
+
+
+async def test_a_store_down_at_start_is_opened_on_first_use(tmp_path):
+    opened = []
+
+    def open_later():
+        if not opened:
+            opened.append(False)
+            raise KeyStoreError("not yet")
+        opened.append(True)
+        return open_key_store(f"sqlite:///{tmp_path}/keys.db", tmp_path)
+
+    c = KeyCache(open_later, _keks(), max_users=10, forget_poll_ms=50, uri="sqlite:///keys.db")
+    await c.start()  # reports, does not raise
+    try:
+        c._on_missing([b"late"])
+        await _until(lambda: b"late" in c.native.keys)
+        assert opened == [False, True] and len(c.native.keys[b"late"]) == 32
+    finally:
+        await c.stop()

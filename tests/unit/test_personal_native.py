@@ -224,3 +224,49 @@ def test_a_cold_cache_answers_retried_parts_before_validating_them():
     uk.keys[b"a"] = os.urandom(32)
     _, _, results, *_ = _ingest(sp, _batch(events))
     assert [r[1] for r in results] == [fp.STATUS_ACCEPTED] and not uk.cold
+
+
+def test_schema_failures_before_valid_events_leave_the_rest_sealed_in_place():
+    """Refused events count in the mask and in pass 2's index: the sealed
+    payloads must be found by that index (a review found them sized by the
+    count left after the refusals)."""
+    ring, sp, uk, _ = _setup({b"a": os.urandom(32)})
+    n_bad, n_good = 900, 10
+    events = [(os.urandom(16), b'{"user":"a","track":"bad","client_ip":"x"}') for _ in range(n_bad)]
+    events += [(os.urandom(16), b'{"user":"a","track":%d,"client_ip":"10.0.0.%d"}' % (i, i)) for i in range(n_good)]
+    ring.schemas.v.failures = [(k, "type", "$.track: expected integer") for k in range(n_bad)]
+    _, _, results, *_ = _ingest(sp, _batch(events))
+    by = {r[1]: r for r in results}
+    assert by[Status.REJECTED][3] == n_bad and by[fp.STATUS_ACCEPTED][3] == n_good
+    got = _ring_payloads(ring)
+    assert [g["track"] for g in got] == list(range(n_good))
+    key = uk.keys[b"a"]
+    for (eid, _), g, i in zip(events[n_bad:], got, range(n_good), strict=True):
+        assert _open(key, b"client_ip", eid, g["client_ip"]) == b'"10.0.0.%d"' % i
+
+
+def test_events_without_personal_values_need_no_key():
+    ring, sp, uk, asked = _setup()
+    events = [(os.urandom(16), b'{"user":"new","track":1}'), (os.urandom(16), b'{"track":2}')]
+    _, _, results, *_ = _ingest(sp, _batch(events))
+    assert [(r[1], r[3]) for r in results] == [(fp.STATUS_ACCEPTED, 2)] and asked == []
+    assert _ring_payloads(ring) == [{"user": "new", "track": 1}, {"track": 2}]
+
+
+def test_a_cold_cache_does_not_ask_the_store_for_ids_no_schema_would_pass():
+    ring, sp, uk, asked = _setup()
+    _ingest(sp, _batch([(os.urandom(16), b'{"user":"alice","track":1,"client_ip":"x"}')]))
+    assert uk.cold
+    poison = [(os.urandom(16), b'{"user":"\xff\xfe","track":1,"client_ip":"x"}'),
+              (os.urandom(16), b'{"user":"bo\x01b","track":1,"client_ip":"x"}'),
+              (os.urandom(16), b'{"user":"alice","track":2,"client_ip":"y"}')]
+    _ingest(sp, _batch(poison))
+    assert asked == [[b"alice"], [b"alice"]]
+
+
+def test_a_cold_cache_lets_events_with_nothing_to_seal_through():
+    ring, sp, uk, asked = _setup()
+    _ingest(sp, _batch([(os.urandom(16), b'{"user":"alice","track":1,"client_ip":"x"}')]))
+    assert uk.cold
+    _, _, results, *_ = _ingest(sp, _batch([(os.urandom(16), b'{"user":"bob","track":2}')]))
+    assert [r[1] for r in results] == [fp.STATUS_ACCEPTED] and asked == [[b"alice"]]

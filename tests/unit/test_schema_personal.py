@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -83,3 +84,38 @@ def test_a_field_stays_personal_in_later_versions(tmp_path):
 def test_a_personal_type_cannot_dead_letter(tmp_path):
     with pytest.raises(SchemaError, match="cannot dead-letter"):
         _load(tmp_path, BASE, on_invalid="dead_letter")
+
+
+def test_what_is_personal_in_one_version_is_sealed_in_every_version(tmp_path):
+    """An open version that no longer declares a personal field must not let it through in clear."""
+    from test_personal_native import NOW, _batch, _open, _ring_payloads
+
+    from eventbroker import _fastpath as fp
+
+    v1 = {**BASE, "additionalProperties": True}
+    v2 = _with(client_ip=None)
+    v2["additionalProperties"] = True
+    reg = _load(tmp_path, v1, v2)
+    ts = reg.get("play")
+    assert ts.resolve(1).personal_fields == ts.resolve(2).personal_fields == ("user", ("client_ip",))
+    ring = fp.TypeRing("play", capacity_bytes=1 << 20, max_event_bytes=1 << 16)
+    ring.schemas = ts
+    key = os.urandom(32)
+    ring.keys = fp.UserKeys()
+    ring.keys.keys[b"a"] = key
+    sp = fp.BatchSplitter(max_events_per_batch=100, max_event_bytes=1 << 16)
+    sp.add(ring)
+    eid = os.urandom(16)
+    r = fp.FrameReader(1 << 20)
+    r.feed(_batch([(eid, b'{"user":"a","track":1,"client_ip":"SECRET"}')]))
+    assert r.next_frame() >= 0
+    assert sp.ingest_answering(r, NOW, None)[2][0][1] == fp.STATUS_ACCEPTED  # written against v2, the latest
+    (got,) = _ring_payloads(ring)
+    assert _open(key, b"client_ip", eid, got["client_ip"]) == b'"SECRET"'
+
+
+def test_versions_must_agree_on_the_user_field(tmp_path):
+    v2 = _with(user={"type": "string"}, owner={"type": "string", "x-user": True})
+    v2["required"] = ["user", "track", "owner"]
+    with pytest.raises(SchemaError, match="different user fields"):
+        _load(tmp_path, BASE, v2)

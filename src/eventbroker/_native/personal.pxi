@@ -49,6 +49,7 @@ cdef extern from "openssl/rand.h":
 from cpython.dict cimport PyDict_GetItem
 from libc.string cimport memchr
 from cpython.tuple cimport PyTuple_GET_ITEM
+from cpython.unicode cimport PyUnicode_DecodeUTF8
 
 DEF NONCE_BYTES = 12
 DEF TAG_BYTES = 16
@@ -239,12 +240,13 @@ cdef int _scan_personal(PersonalFields pf, const unsigned char *p, Py_ssize_t n,
                     return PS_BAD_USER
                 user_s[0] = vs + 1
                 user_e[0] = ve - 1
-            elif (p[vs] >= 48 and p[vs] <= 57) or p[vs] == 45:  # an integer: its digits
-                for k in range(vs + 1 if p[vs] == 45 else vs, ve):
+            elif (p[vs] >= 48 and p[vs] <= 57) or p[vs] == 45:  # an integer: its digits, as JSON writes it
+                k = vs + 1 if p[vs] == 45 else vs
+                if k >= ve or ve - vs > 20 or (p[k] == 48 and (ve - k > 1 or k > vs)):  # "-", "01", "-0"
+                    return PS_BAD_USER
+                for k in range(k, ve):
                     if p[k] < 48 or p[k] > 57:
                         return PS_BAD_USER
-                if ve - vs > 20 or (p[vs] == 45 and ve - vs < 2):
-                    return PS_BAD_USER
                 user_s[0] = vs
                 user_e[0] = ve
             else:
@@ -365,18 +367,22 @@ cdef str _personal_detail(int st, PersonalFields pf):
 
 
 cdef object _personal_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t ne, Py_ssize_t ti, _TypeAcc *acc,
-                           TypeRing ring, BatchSplitter splitter, int64_t now_ms, PersonalFields pf):
+                           TypeRing ring, BatchSplitter splitter, int64_t now_ms, PersonalFields pf,
+                           Py_ssize_t n):
     """Seal the personal values of type index ``ti``'s accepted events.
 
     Returns None when every event was sealed (``acc[ti].enc``/``enc_at``
     hold the new payloads, ``bytes_ok`` is adjusted); a list of missing user
     ids (bytes) when a key is not cached (nothing sealed); or a dict
     {batch index: detail} of events refused (marked in ``acc[ti].mask``).
-    Each payload is scanned once: phase 1 keeps its spans for phase 2."""
+    ``n``: the events past the per-event checks (the mask's length, schema
+    failures included: ``j`` and pass 2's ``seen`` count them all).
+    Each payload is scanned once: phase 1 keeps its spans for phase 2. An
+    event with no personal value needs no key (nor a user field)."""
     global _gcm_key
     cdef UserKeys uk = ring.keys
     cdef Py_ssize_t pos = start, i, j = 0, klen, vlen, ns, us, ue, s, total = 0, biggest = 0, w, src, m
-    cdef Py_ssize_t n = acc[ti].n_ok, n_values = 0, alen, sp_used = 0, sp_cap
+    cdef Py_ssize_t n_values = 0, alen, sp_used = 0, sp_cap, n_left = acc[ti].n_ok
     cdef const unsigned char *ev
     cdef const unsigned char *pl
     cdef uint32_t spans[3 * MAX_SPANS]
@@ -418,7 +424,10 @@ cdef object _personal_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t 
                 j += 1
                 continue
             pl = ev + C_EVENT_HEADER_BYTES + klen
+            ns = 0
             st = _scan_personal(pf, pl, vlen, spans, &ns, &us, &ue)
+            if st == PS_NO_USER and ns == 0:
+                st = PS_OK  # nothing to seal: no key needed
             if st != PS_OK:
                 if refused is None:
                     refused = {}
@@ -426,7 +435,9 @@ cdef object _personal_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t 
                 acc[ti].mask[j] = 1
                 j += 1
                 continue
-            if ue - us == last_len and memcmp(pl + us, last_user, last_len) == 0:
+            if ns == 0:
+                kp = NULL
+            elif ue - us == last_len and memcmp(pl + us, last_user, last_len) == 0:
                 kp = last_kp
             else:
                 uid = PyBytes_FromStringAndSize(<const char *>pl + us, ue - us)
@@ -466,7 +477,7 @@ cdef object _personal_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t 
             uk.cold = True
             return missing
         uk.cold = False
-        if refused is not None and n - len(refused) == 0:
+        if refused is not None and n_left - len(refused) == 0:
             return refused
         # Phase 2: write each event's payload with its personal values sealed.
         acc[ti].enc = <unsigned char *>malloc(total + 1)
@@ -530,6 +541,19 @@ cdef object _personal_part(const unsigned char *b, Py_ssize_t start, Py_ssize_t 
         free(scratch)
 
 
+cdef bint _plausible_user(const unsigned char *p, Py_ssize_t n):
+    """No control bytes, and valid UTF-8: what a validated JSON string without escapes holds."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        if p[i] < 32:
+            return False
+    try:
+        PyUnicode_DecodeUTF8(<const char *>p, n, NULL)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 cdef list _personal_missing(const unsigned char *b, Py_ssize_t start, Py_ssize_t ne, Py_ssize_t ti, TypeRing ring,
                             BatchSplitter splitter, int64_t now_ms, PersonalFields pf):
     """While the cache is cold: the users of type index ``ti``'s events whose
@@ -551,12 +575,15 @@ cdef list _personal_missing(const unsigned char *b, Py_ssize_t start, Py_ssize_t
         if eb_ld16(ev) != ti or _event_reason(ev, klen, vlen, ring, splitter, now_ms):
             continue
         pl = ev + C_EVENT_HEADER_BYTES + klen
-        if _scan_personal(pf, pl, vlen, spans, &ns, &us, &ue) != PS_OK:
-            continue
+        ns = 0
+        if _scan_personal(pf, pl, vlen, spans, &ns, &us, &ue) != PS_OK or ns == 0:
+            continue  # unreadable (left to validation), or nothing to seal (no key needed)
         uid = PyBytes_FromStringAndSize(<const char *>pl + us, ue - us)
         if uid in seen:
             continue
         seen.add(uid)
+        if not _plausible_user(pl + us, ue - us):
+            continue  # not validated yet: an id the schema may refuse is not worth a key-store call
         if PyDict_GetItem(uk.keys, uid) == NULL:
             if missing is None:
                 missing = []

@@ -275,6 +275,7 @@ cdef class BatchSplitter:
                             continue
                     if dead_letters is None:
                         dead_letters = [None] * nt
+                    n_checked = acc[i].n_ok  # the mask's length: every event past the per-event checks
                     bad = _validate_part(b, start, ne, i, acc, ring, self, now_ms, versions[i], dead_letters)
                     if bad is not None and acc[i].dead_letter:  # their entries also carry eb.error
                         acc[i].bytes_ok += sum(PyBytes_GET_SIZE(h) for h in (<dict>dead_letters[i]).values()) \
@@ -282,7 +283,8 @@ cdef class BatchSplitter:
                     if bad is not None and not acc[i].dead_letter:
                         acc[i].n_ok -= len(bad[0])
                     if pf is not None and acc[i].n_ok:
-                        sealed = _personal_part(b, start, ne, i, acc, ring, self, now_ms, <PersonalFields>pf)
+                        sealed = _personal_part(b, start, ne, i, acc, ring, self, now_ms, <PersonalFields>pf,
+                                                n_checked)
                         if type(sealed) is list:  # keys not cached yet: the whole part waits
                             if bad is not None and not acc[i].dead_letter:
                                 results.append((i, C_STATUS_REJECTED, C_REASON_SCHEMA_VIOLATION, len(bad[0]),

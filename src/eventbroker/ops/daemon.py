@@ -189,7 +189,7 @@ class Daemon:
         keys = await asyncio.get_running_loop().run_in_executor(None, open_key_cache, cfg)
         await keys.start()
         self.keys = keys
-        log.info("personal fields are sealed with users' keys from %s", keys.store.uri)
+        log.info("personal fields are sealed with users' keys from %s", keys.uri)
 
     def _spool_slot(self) -> Path:
         """Workers share spool.dir: each holds the first free slot directory for

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from eventbroker import _fastpath as fp
@@ -52,8 +53,13 @@ class KeyCacheStats:
 class KeyCache:
     """One per gateway process; shared by every type with personal fields."""
 
-    def __init__(self, store: KeyStore, keks: KekRing, *, max_users: int, forget_poll_ms: int) -> None:
-        self.store = store
+    def __init__(self, store: KeyStore | Callable[[], KeyStore], keks: KekRing, *, max_users: int,
+                 forget_poll_ms: int, uri: str = "") -> None:
+        # The store, or how to open it: a gateway whose store is down at start
+        # starts anyway (its other types flow) and opens it on first use.
+        self.store: KeyStore | None = store if isinstance(store, KeyStore) else None
+        self._open = None if isinstance(store, KeyStore) else store
+        self.uri = self.store.uri if self.store is not None else uri
         self.keks = keks
         self.max_users = max_users
         self.forget_poll_s = forget_poll_ms / 1000
@@ -74,11 +80,30 @@ class KeyCache:
     # lifecycle
 
     async def start(self) -> None:
-        """Read the forget cursor (a gateway starts with an empty cache) and poll from then on."""
+        """Read the forget cursor (a gateway starts with an empty cache) and poll from then on.
+        A store that cannot be reached is reported and tried again by each load and poll."""
         loop = asyncio.get_running_loop()
-        _, self._cursor = await loop.run_in_executor(self._pool, self.store.forgotten_since, None)
-        self.stats.last_forget_poll = time.time()
+        try:
+            self._cursor = await loop.run_in_executor(self._pool, self._first_cursor)
+            self.stats.last_forget_poll = time.time()
+        except KeyStoreError as e:
+            log.warning("the key store cannot be used yet (%s): types with personal fields are answered "
+                        "retry-later key_unavailable until it can", e)
         self._poller = loop.create_task(self._poll_forgets(), name="eventbroker-forget-poll")
+
+    def _get_store(self) -> KeyStore:
+        """In the worker thread: the store, opened on first use when it was down at start."""
+        if self.store is None:
+            assert self._open is not None
+            self.store = self._open()
+        return self.store
+
+    def _first_cursor(self) -> object:
+        return self._get_store().forgotten_since(None)[1]
+
+    def _close_store(self) -> None:
+        if self.store is not None:
+            self.store.close()
 
     async def stop(self) -> None:
         for t in (self._poller, self._loader):
@@ -90,7 +115,7 @@ class KeyCache:
                     await t
                 except (asyncio.CancelledError, Exception):  # noqa: S110 - stopping
                     pass
-        await asyncio.get_running_loop().run_in_executor(self._pool, self.store.close)
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._close_store)
         self._pool.shutdown(wait=True)
         self.native.keys.clear()
 
@@ -133,24 +158,39 @@ class KeyCache:
 
     def _fetch(self, users: list[bytes]) -> dict[bytes, bytes | None]:
         """In the worker thread: the users' keys, made where they have none, unwrapped
-        (a key this call made and the store kept is used as made, not unwrapped again)."""
-        names = [u.decode("utf-8") for u in users]  # the splitter passes ids from validated JSON strings
+        (a key this call made and the store kept is used as made, not unwrapped again).
+        A user whose key does not unwrap is left out (and stays missing); the others load."""
+        raws, names = [], []
+        for raw in users:  # the splitter passes ids of validated JSON strings: this is a second guard
+            try:
+                names.append(raw.decode("utf-8"))
+                raws.append(raw)
+            except UnicodeDecodeError:
+                continue
         made: dict[str, tuple[StoredKey, bytes]] = {}
 
         def make(user: str) -> StoredKey:
             made[user] = self.keks.new_key_pair(user)
             return made[user][0]
 
-        stored = self.store.fetch_or_create(names, make)
+        stored = self._get_store().fetch_or_create(names, make)
         out: dict[bytes, bytes | None] = {}
-        for raw, name in zip(users, names, strict=True):
+        failed: list[KeyStoreError] = []
+        for raw, name in zip(raws, names, strict=True):
             sk = stored.get(name)
             if sk is None:
                 out[raw] = None
             elif name in made and made[name][0] == sk:
                 out[raw] = made[name][1]
             else:  # another gateway made it first, or it existed
-                out[raw] = self.keks.unwrap(name, sk)
+                try:
+                    out[raw] = self.keks.unwrap(name, sk)
+                except KeyStoreError as e:
+                    failed.append(e)
+        if failed:
+            self.stats.load_errors += 1
+            log.warning("%d of %d users' keys do not unwrap: %s (their events are answered retry-later)",
+                        len(failed), len(raws), failed[0])
         return out
 
     def _insert(self, got: dict[bytes, bytes | None]) -> None:
@@ -169,27 +209,34 @@ class KeyCache:
         while True:
             await asyncio.sleep(self.forget_poll_s)
             try:
-                users, self._cursor = await loop.run_in_executor(self._pool, self.store.forgotten_since,
-                                                                 self._cursor)
-            except (KeyStoreError, OSError) as e:
+                users = await loop.run_in_executor(self._pool, self._poll)
+            except (EventBrokerError, OSError) as e:
                 log.warning("could not ask the key store who was forgotten: %s", e)
                 continue
             self.stats.last_forget_poll = time.time()
             self.apply_forgets(users)
 
-    def apply_forgets(self, users: list[str]) -> int:
-        """Drop these users' keys: their later events are shredded at the edge."""
+    def _poll(self) -> list[bytes]:
+        """In the worker thread: who was forgotten since the cursor (re-read over the lookback window)."""
+        store = self._get_store()
+        if self._cursor is None:  # the store was down at start: nothing was cached from it before now
+            self._cursor = store.forgotten_since(None)[1]
+            return []
+        users, self._cursor = store.forgotten_since(self._cursor)
+        return [u.encode("utf-8") for u in users]
+
+    def apply_forgets(self, users: list[bytes]) -> int:
+        """Drop these users' keys: their later events are shredded at the edge. Only users
+        holding a key are touched: one not cached loads its tombstone from the store (and a
+        load that read a key before the forget was applied before this, in the order the
+        worker thread ran them), so a bulk forget neither fills the cache nor evicts it."""
         keys = self.native.keys
         n = 0
-        for u in users:
-            raw = u.encode("utf-8")
-            if keys.get(raw, b"") is not None:  # cached with a key, or not cached
+        for raw in users:
+            if keys.get(raw) is not None:
+                keys[raw] = None
                 n += 1
-            keys[raw] = None
         if n:
             self.stats.forgets_applied += n
             log.info("applied %d forget(s) from the key store", n)
-        excess = len(keys) - self.max_users
-        if excess > 0:
-            self._insert({})
         return n

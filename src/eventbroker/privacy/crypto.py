@@ -21,6 +21,7 @@ import binascii
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -130,16 +131,7 @@ def load_keks(cfg: PrivacyConfig, create: bool = False) -> KekRing:
         return KekRing.parse(env, f"${cfg.kek_env}")
     path = cfg.state_path(cfg.kek_file)
     if create and not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # another process made it first: read theirs
-        else:
-            with os.fdopen(fd, "w") as f:
-                f.write("# eventbroker key-encryption keys: '<id> <base64>', the first wraps new keys.\n"
-                        "# Losing this file shreds every user's data; back it up apart from the key store.\n")
-                f.write(new_kek_line() + "\n")
+        _create_kek_file(path)
     try:
         mode = path.stat().st_mode
         text = path.read_text(encoding="utf-8")
@@ -152,6 +144,27 @@ def load_keks(cfg: PrivacyConfig, create: bool = False) -> KekRing:
         raise ConfigError(f"{path}: the key-encryption key file is readable by others (mode {mode & 0o777:o}); "
                           "chmod 600 it")
     return KekRing.parse(text, str(path))
+
+
+def _create_kek_file(path: Path) -> None:
+    """A new KEK file, whole or not at all: written under a temporary name and
+    linked into place, so a worker starting at the same moment reads either no
+    file or a complete one (the first link wins; the others read it)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(prefix=".kek-", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("# eventbroker key-encryption keys: '<id> <base64>', the first wraps new keys.\n"
+                    "# Losing this file shreds every user's data; back it up apart from the key store.\n")
+            f.write(new_kek_line() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process made it first: read theirs
+    finally:
+        os.unlink(tmp)
 
 
 def open_value(key: bytes | None, type_name: str, field: str, event_id: bytes, sealed: str) -> bytes | None:

@@ -119,7 +119,7 @@ class Forgotten(NamedTuple):
     forgotten_at: datetime  # timezone-aware UTC, from the database's clock
 
 
-def _mask_uri(uri: str) -> str:
+def mask_uri(uri: str) -> str:
     """The URI with any password (in the authority or a ``password=`` query
     parameter) replaced by ``***``."""
     if "://" not in uri:  # not a URI; perhaps a libpq "key=value" string: hide its password
@@ -190,7 +190,7 @@ class KeyStore(ABC):
     uri: str  # as given, with any password replaced by *** (for logs)
 
     def __init__(self, uri: str) -> None:
-        self.uri = _mask_uri(uri)
+        self.uri = mask_uri(uri)
         self._lock = threading.Lock()
         self._closed = False
 
@@ -765,15 +765,15 @@ def open_key_store(uri: str, base_dir: Path, create: bool = True) -> KeyStore:
     scheme = scheme.lower()
     if sep and scheme == "sqlite":
         if not rest.startswith("/"):
-            raise ConfigError(f"key store URI {_mask_uri(uri)!r}: a SQLite URI has no host: use {_ACCEPTED}")
+            raise ConfigError(f"key store URI {mask_uri(uri)!r}: a SQLite URI has no host: use {_ACCEPTED}")
         raw = rest[1:]
         if not raw or raw.endswith("/") or raw == ":memory:" or "\x00" in raw:
-            raise ConfigError(f"key store URI {_mask_uri(uri)!r} names no database file: use {_ACCEPTED}")
+            raise ConfigError(f"key store URI {mask_uri(uri)!r} names no database file: use {_ACCEPTED}")
         path = Path(raw)
         if not path.is_absolute():
             path = Path(base_dir) / path
         if not create and not path.exists():
-            raise ConfigError(f"no key store at {path} (privacy.key_store {_mask_uri(uri)!r}; a relative path is "
+            raise ConfigError(f"no key store at {path} (privacy.key_store {mask_uri(uri)!r}; a relative path is "
                               "taken from $STATE_DIRECTORY, else the current folder: run from the gateway's folder, "
                               "or give an absolute path)")
         return SqliteKeyStore(uri, path)
@@ -781,10 +781,10 @@ def open_key_store(uri: str, base_dir: Path, create: bool = True) -> KeyStore:
         try:
             import psycopg
         except ImportError:
-            raise ConfigError(f"key store URI {_mask_uri(uri)!r} needs the PostgreSQL driver: "
+            raise ConfigError(f"key store URI {mask_uri(uri)!r} needs the PostgreSQL driver: "
                               "pip install 'eventbroker[postgres]'") from None
         return PostgresKeyStore(uri, psycopg)
-    raise ConfigError(f"key store URI {_mask_uri(uri)!r} is not supported: use {_ACCEPTED}")
+    raise ConfigError(f"key store URI {mask_uri(uri)!r} is not supported: use {_ACCEPTED}")
 
 
 def open_store(privacy: PrivacyConfig, create: bool = True) -> KeyStore:

@@ -11,7 +11,12 @@ SIGHUP), each refused with the file:
 * a version with personal fields has exactly one user field, declared,
   required, a string or an integer, and not itself personal;
 * a field personal in a version stays personal in every later version that
-  has it, so no new version writes in clear what an older one protected.
+  has it, so no new version writes in clear what an older one protected;
+* every version that marks personal fields names the same user field.
+
+What the gateway seals is the type's: every name personal in any version,
+in every version (``type_personal``), so an open older version, or a newer
+one that no longer declares a field, cannot carry it in clear.
 """
 
 from __future__ import annotations
@@ -90,16 +95,40 @@ def personal_fields(version: Version, user_field: str | None = None) -> Personal
     return Personal(user, fields)
 
 
-def check_personal_chain(type_name: str, versions: dict[int, Version], user_field: str | None) -> list[str]:
-    """Problems with a type's versions read in order: a field that stops being personal."""
-    problems = []
-    before: dict[str, int] = {}
+def type_personal(versions: dict[int, Version], user_field: str | None = None) -> Personal | None:
+    """The type's personal fields: the union over its versions, in order of appearance; None when none has any.
+    ``check_personal_chain`` has made sure the versions agree on the user field."""
+    user = None
+    fields: dict[str, None] = {}
     for n in sorted(versions):
         p = personal_fields(versions[n], user_field)
+        if p is not None:
+            user = user or p.user_field
+            fields.update(dict.fromkeys(p.fields))
+    if user is None:
+        return None
+    if len(fields) > 32:
+        raise SchemaError(f"{versions[max(versions)].path}: {len(fields)} personal fields over the type's versions; "
+                          "at most 32")
+    return Personal(user, tuple(fields))
+
+
+def check_personal_chain(type_name: str, versions: dict[int, Version], user_field: str | None) -> list[str]:
+    """Problems with a type's versions read in order: a field that stops being personal, another user field."""
+    problems = []
+    before: dict[str, int] = {}
+    users: dict[str, int] = {}
+    for n in sorted(versions):
+        p = personal_fields(versions[n], user_field)
+        if p is not None:
+            users.setdefault(p.user_field, n)
         now = set(p.fields) if p is not None else set()
         for f, since in sorted(before.items()):
             if f in versions[n].root.properties and f not in now:
                 problems.append(f"v{n}: field {f} is personal in v{since} and must stay x-personal")
         for f in now:
             before.setdefault(f, n)
+    if len(users) > 1:
+        problems.append("the versions name different user fields (" + ", ".join(f"{u} in v{n}" for u, n in
+                                                                         users.items()) + "): one names the key")
     return problems

@@ -25,7 +25,7 @@ from eventbroker.protocol import MAX_DETAIL_BYTES, utf8_prefix
 from eventbroker.schema.compat import check_chain
 from eventbroker.schema.compile import flat_schema
 from eventbroker.schema.model import Version, read_versions
-from eventbroker.schema.personal import Personal, check_personal_chain, personal_fields
+from eventbroker.schema.personal import Personal, check_personal_chain, personal_fields, type_personal
 from eventbroker.schema.validate import RULES, BatchValidator, Failure
 
 
@@ -43,7 +43,8 @@ class SchemaVersion:
     __slots__ = ("number", "header", "dead_letter", "validator", "flat", "stats", "version", "personal",
                  "personal_fields")
 
-    def __init__(self, etype: EventType, version: Version, stats: SchemaStats) -> None:
+    def __init__(self, etype: EventType, version: Version, stats: SchemaStats,
+                 personal: Personal | None = None) -> None:
         self.number = version.number
         self.version = version
         self.header = fp.record_header(fp.HEADER_SCHEMA_VERSION, str(version.number).encode())
@@ -51,10 +52,10 @@ class SchemaVersion:
         self.validator = BatchValidator(version.root, f"{etype.name} v{version.number}")
         self.flat = flat_schema(version.root)  # the native accept-path, for flat closed schemas
         self.stats = stats
-        # Personal fields sealed by the splitter (personal.pxi), or None.
-        self.personal_fields: Personal | None = personal_fields(version, etype.user_field)
-        self.personal = fp.PersonalFields(etype.name, self.personal_fields.user_field,
-                                          self.personal_fields.fields) if self.personal_fields else None
+        # Personal fields sealed by the splitter (personal.pxi), or None: the
+        # type's, every name personal in any of its versions (TypeSchemas).
+        self.personal_fields = personal
+        self.personal = fp.PersonalFields(etype.name, personal.user_field, personal.fields) if personal else None
 
     def check(self, buf: bytearray, seps: Any, n: int) -> list[Failure] | None:
         return self.validator.check(buf, seps, n)
@@ -78,7 +79,8 @@ class TypeSchemas:
 
     def __init__(self, etype: EventType, versions: dict[int, Version], stats: dict[tuple[str, int], SchemaStats]):
         self.etype = etype
-        self.versions = {n: SchemaVersion(etype, v, stats.setdefault((etype.name, n), SchemaStats()))
+        personal = type_personal(versions, etype.user_field)
+        self.versions = {n: SchemaVersion(etype, v, stats.setdefault((etype.name, n), SchemaStats()), personal)
                          for n, v in versions.items()}
         self.latest = max(versions)
         self.has_personal = any(sv.personal is not None for sv in self.versions.values())
