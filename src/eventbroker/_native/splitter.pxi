@@ -268,10 +268,7 @@ cdef class BatchSplitter:
                     if pf is not None and ring.keys is not None and (<UserKeys>ring.keys).cold:
                         cold_missing = _personal_missing(b, start, ne, i, ring, self, now_ms, <PersonalFields>pf)
                         if cold_missing is not None:
-                            if ring.keys.on_missing is not None:
-                                ring.keys.retry_after_ms = ring.keys.on_missing(cold_missing)
-                            results.append((i, C_STATUS_RETRY_LATER, C_REASON_KEY_UNAVAILABLE, acc[i].n_ok, None,
-                                            None, None))
+                            results.append(_wait_for_keys(i, acc[i].n_ok, ring, cold_missing))
                             continue
                     if dead_letters is None:
                         dead_letters = [None] * nt
@@ -289,10 +286,7 @@ cdef class BatchSplitter:
                             if bad is not None and not acc[i].dead_letter:
                                 results.append((i, C_STATUS_REJECTED, C_REASON_SCHEMA_VIOLATION, len(bad[0]),
                                                 bad[0], None, bad[1]))
-                            if ring.keys is not None and ring.keys.on_missing is not None:
-                                ring.keys.retry_after_ms = ring.keys.on_missing(sealed)
-                            results.append((i, C_STATUS_RETRY_LATER, C_REASON_KEY_UNAVAILABLE, acc[i].n_ok, None,
-                                            None, None))
+                            results.append(_wait_for_keys(i, acc[i].n_ok, ring, sealed))
                             continue
                         if sealed is not None:  # events the scan refused join the schema's failures
                             acc[i].n_ok -= len(<dict>sealed)
@@ -336,6 +330,14 @@ cdef class BatchSplitter:
                 free(acc[i].enc)
                 free(acc[i].enc_at)
             free(acc)
+
+
+cdef tuple _wait_for_keys(Py_ssize_t ti, Py_ssize_t count, TypeRing ring, list missing):
+    """A part that names users whose keys are not cached: the cache is told which (its
+    answer is the retry hint the ACK carries) and the part is answered key_unavailable."""
+    if ring.keys is not None and ring.keys.on_missing is not None:
+        ring.keys.retry_after_ms = ring.keys.on_missing(missing)
+    return (ti, C_STATUS_RETRY_LATER, C_REASON_KEY_UNAVAILABLE, count, None, None, None)
 
 
 cdef bint _valid_type_name(bytes name):

@@ -129,6 +129,15 @@ class KafkaConfig(_Base, frozen=True):
             raise ValueError("sasl_username: SASL needs sasl_username and sasl_password_file")
 
 
+def state_path(value: str) -> Path:
+    """A relative path taken from $STATE_DIRECTORY (systemd) when it is set, else from the current directory."""
+    p = Path(value)
+    if not p.is_absolute():
+        state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        p = Path(state) / p if state else Path.cwd() / p
+    return p
+
+
 class SpoolConfig(_Base, frozen=True):
     # Types with ack = "spool" keep a log per type under this directory. A
     # relative path is taken from $STATE_DIRECTORY (systemd) when it is set,
@@ -147,11 +156,7 @@ class SpoolConfig(_Base, frozen=True):
     min_free_bytes: Annotated[int, Meta(ge=0)] = 64 * 1024 * 1024
 
     def resolved_dir(self) -> Path:
-        p = Path(self.dir)
-        if not p.is_absolute():
-            state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-            p = Path(state) / p if state else Path.cwd() / p
-        return p
+        return state_path(self.dir)
 
 
 class SchemasConfig(_Base, frozen=True):
@@ -182,11 +187,7 @@ class PrivacyConfig(_Base, frozen=True):
 
     def state_path(self, value: str) -> Path:
         """A path of this section, a relative one taken from the state directory."""
-        p = Path(value)
-        if not p.is_absolute():
-            state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
-            p = Path(state) / p if state else Path.cwd() / p
-        return p
+        return state_path(value)
 
 
 class TlsConfig(_Base, frozen=True):

@@ -20,6 +20,7 @@ The cache is bounded (``cache_users``): past it the oldest entries go first.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -198,7 +199,7 @@ class KeyCache:
         keys.update(got)
         excess = len(keys) - self.max_users
         if excess > 0:
-            for u in [u for _, u in zip(range(excess), iter(keys), strict=False)]:
+            for u in list(itertools.islice(keys, excess)):  # the oldest: dicts keep insertion order
                 del keys[u]
             self.stats.evicted += excess
 

@@ -36,6 +36,7 @@ from eventbroker.privacy.store import StoredKey
 
 KEK_BYTES = 32
 DATA_KEY_BYTES = fp.PERSONAL_KEY_BYTES
+_NONCE, _TAG = fp.PERSONAL_NONCE_BYTES, fp.PERSONAL_TAG_BYTES  # of sealed values and of wrapped keys alike
 _WRAP_VERSION = b"\x01"
 _WRAP_AAD = b"eb-dk1"
 _KEK_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -83,7 +84,7 @@ class KekRing:
         return cls(keks)
 
     def wrap(self, user: str, data_key: bytes) -> StoredKey:
-        nonce = os.urandom(12)
+        nonce = os.urandom(_NONCE)
         ct = self._by_id[self.current.id].encrypt(nonce, data_key, _WRAP_AAD + user.encode("utf-8"))
         return StoredKey(self.current.id, _WRAP_VERSION + nonce + ct)
 
@@ -93,10 +94,10 @@ class KekRing:
             raise KeyStoreError(f"a data key is wrapped by key-encryption key {stored.kek_id!r}, which this "
                                 f"process does not hold (it holds {', '.join(k.id for k in self.keks)})")
         w = stored.wrapped
-        if w[:1] != _WRAP_VERSION or len(w) != 1 + 12 + DATA_KEY_BYTES + 16:
+        if w[:1] != _WRAP_VERSION or len(w) != 1 + _NONCE + DATA_KEY_BYTES + _TAG:
             raise KeyStoreError("a wrapped data key has an unknown format")
         try:
-            return aead.decrypt(w[1:13], w[13:], _WRAP_AAD + user.encode("utf-8"))
+            return aead.decrypt(w[1:1 + _NONCE], w[1 + _NONCE:], _WRAP_AAD + user.encode("utf-8"))
         except InvalidTag:
             raise KeyStoreError(f"a data key does not unwrap with key-encryption key {stored.kek_id!r} "
                                 "(a wrong key under that id, or a row moved to another user)") from None
@@ -181,15 +182,12 @@ def open_value(key: bytes | None, type_name: str, field: str, event_id: bytes, s
         blob = base64.b64decode(raw[len(CIPHER_PREFIX):], validate=True)
     except binascii.Error:
         raise KeyStoreError(f"{type_name}.{field}: a sealed value that is not base64") from None
-    if len(blob) < 12 + 16:
+    if len(blob) < _NONCE + _TAG:
         raise KeyStoreError(f"{type_name}.{field}: a sealed value too short")
     aad = fp.personal_aad(type_name.encode(), field.encode(), event_id)
     try:
-        return AESGCM(key).decrypt(blob[:12], blob[12:], aad)
+        return AESGCM(key).decrypt(blob[:_NONCE], blob[_NONCE:], aad)
     except InvalidTag:
         raise KeyStoreError(f"{type_name}.{field}: a sealed value does not open (tampered, or moved from "
                             "another event or field)") from None
 
-
-def kek_path(cfg: PrivacyConfig) -> Path:
-    return cfg.state_path(cfg.kek_file)

@@ -44,6 +44,14 @@ def user_id(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def _open(key: bytes | None, type_name: str, field: str, event_id: bytes, value: Any) -> tuple[Any, bool]:
+    """(the value opened, whether its user was forgotten); a value that is not sealed, as it is."""
+    if not (isinstance(value, str) and value.startswith(_PREFIX)):
+        return value, False
+    text = open_value(key, type_name, field, event_id, value)
+    return (None, True) if text is None else (orjson.loads(text), False)
+
+
 def _sealed(value: Any) -> bool:
     """A value sealed under a key (the forgotten marker needs none)."""
     return isinstance(value, str) and value.startswith(_PREFIX) and value != _FORGOTTEN
@@ -88,14 +96,9 @@ class Decryptor:
             key = keys.get(user_id(doc[user_field]))  # absent: only forgotten markers
             forgotten = False
             for f in fields:
-                v = doc.get(f)
-                if isinstance(v, str) and v.startswith(CIPHER_PREFIX.decode()):
-                    text = open_value(key, type_name, f, eid, v)
-                    if text is None:
-                        forgotten = True
-                        doc[f] = None
-                    else:
-                        doc[f] = orjson.loads(text)
+                if f in doc:
+                    doc[f], gone = _open(key, type_name, f, eid, doc[f])
+                    forgotten |= gone
             out.append(Opened(doc, forgotten))
         return out
 
@@ -113,21 +116,13 @@ class Decryptor:
         keys = self.keys_for(u for i, u in enumerate(users)
                              if u is not None and any(_sealed(columns[f][i]) for f in fields))
         forgotten = [False] * table.num_rows
-        prefix = CIPHER_PREFIX.decode()
         for f in fields:
-            values = columns[f]
             opened: list[Any] = []
-            for i, v in enumerate(values):
+            for i, v in enumerate(columns[f]):
                 u = users[i]
-                if isinstance(v, str) and v.startswith(prefix) and u is not None:
-                    text = open_value(keys.get(u) if v != _FORGOTTEN else None, type_name, f, ids[i], v)
-                    if text is None:
-                        forgotten[i] = True
-                        opened.append(None)
-                    else:
-                        opened.append(orjson.loads(text))
-                else:
-                    opened.append(v)
+                value, gone = _open(keys.get(u) if u is not None else None, type_name, f, ids[i], v)
+                opened.append(value)
+                forgotten[i] |= gone
             table = table.set_column(table.column_names.index(f), f, pa.array(opened))
         if FORGOTTEN_COLUMN in table.column_names:
             table = table.drop_columns([FORGOTTEN_COLUMN])

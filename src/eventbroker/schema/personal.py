@@ -86,8 +86,6 @@ def personal_fields(version: Version, user_field: str | None = None) -> Personal
     if not node.types or not node.types <= {"string", "integer"}:
         raise SchemaError(f"{where}: the user field {user} must be a string or an integer, not "
                           f"{node.describe_type()}")
-    if len(fields) > 32:
-        raise SchemaError(f"{where}: {len(fields)} personal fields; at most 32")
     for name in (*fields, user):
         if "\\" in name or '"' in name or len(name.encode()) > 255:
             raise SchemaError(f"{where}: field {name[:64]!r}: personal and user field names are plain, "
